@@ -1,0 +1,64 @@
+"""Process-group and model-parallel setup: NCCL on GPUs, gloo with the CPU mode elsewhere."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from datetime import timedelta
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from lns_megatron import cpu
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def initialize(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: Optional[int] = None,
+    seed: int = 1234,
+    timeout_minutes: int = 10,
+) -> None:
+    """Start torch.distributed (from torchrun's environment, or as a single process) and
+    megatron-core's model parallelism, then seed every RNG like Megatron-LM does."""
+    cpu_mode = cpu.enable()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python`: a world of one
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+        if not cpu_mode:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend="gloo" if cpu_mode else "nccl", timeout=timedelta(minutes=timeout_minutes)
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+    )
+    set_seed(seed)
+
+
+def set_seed(seed: int) -> None:
+    """Megatron-LM's seeding: a different stream per pipeline stage, tracked TP streams."""
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,101 @@
+"""Build a megatron-core ``GPTModel`` with the LNS layer spec."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import init_method_normal
+
+from lns_megatron import cpu
+from lns_megatron.layer import LNSNorm
+from lns_megatron.specs import get_gpt_lns_layer_spec
+
+
+def lns_transformer_config(
+    norm_scheme: str = "lns", depth_scaled_output_init: Optional[bool] = None, **config_kwargs
+) -> TransformerConfig:
+    """A ``TransformerConfig`` with the output-layer init the paper recommends for LNS.
+
+    megatron-core defaults the output layers (``linear_proj``, ``linear_fc2``) to the depth-scaled
+    normal ``std/sqrt(2L)``. The paper advises against combining that with LNS, so with
+    ``norm_scheme="lns"`` the default here is the plain normal ``init_method_std``.
+    ``depth_scaled_output_init=True`` restores megatron's default; Pre-LN keeps it by default.
+    """
+    if depth_scaled_output_init is None:
+        depth_scaled_output_init = norm_scheme != "lns"
+    if not depth_scaled_output_init and config_kwargs.get("output_layer_init_method") is None:
+        config_kwargs["output_layer_init_method"] = init_method_normal(config_kwargs.get("init_method_std", 0.02))
+    if cpu.is_enabled():
+        # gloo matches point-to-point messages by order, and megatron's batched p2p posts
+        # send_prev before send_next: with PP=2 and VPP (prev == next) tensors get swapped.
+        config_kwargs.setdefault("batch_p2p_comm", False)
+    return TransformerConfig(**config_kwargs)
+
+
+def tiny_config(norm_scheme: str = "lns", **overrides) -> TransformerConfig:
+    """The small LLaMA-style float32 config used by the tests and CPU smoke runs."""
+    kwargs = dict(
+        num_layers=4,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        params_dtype=torch.float32,
+        use_cpu_initialization=not torch.cuda.is_available(),
+    )
+    kwargs.update(overrides)
+    return lns_transformer_config(norm_scheme, **kwargs)
+
+
+def build_gpt_model(
+    config: TransformerConfig,
+    *,
+    vocab_size: int,
+    max_sequence_length: int,
+    norm_scheme: str = "lns",
+    transformer_impl: str = "local",
+    position_embedding_type: str = "rope",
+    share_embeddings_and_output_weights: bool = False,
+    qk_layernorm: bool = False,
+    vp_stage: Optional[int] = None,
+) -> GPTModel:
+    """One model chunk for this pipeline rank (and virtual stage ``vp_stage``)."""
+    spec = get_gpt_lns_layer_spec(
+        transformer_impl=transformer_impl,
+        norm_scheme=norm_scheme,
+        normalization=config.normalization,
+        qk_layernorm=qk_layernorm,
+    )
+    if norm_scheme == "lns" and transformer_impl == "local":
+        # megatron's final norm without apex (WrappedTorchNorm) refuses sequence parallelism and
+        # zero-centered gamma; an unscaled LNSNorm supports both and is the same function.
+        spec = TransformerBlockSubmodules(
+            layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=LNSNorm
+        )
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=vocab_size,
+        max_sequence_length=max_sequence_length,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        share_embeddings_and_output_weights=share_embeddings_and_output_weights,
+        position_embedding_type=position_embedding_type,
+        vp_stage=vp_stage,
+    )

@@ -1,0 +1,205 @@
+"""LNS layer numerics on real megatron-core modules, single process (CPU mode without CUDA)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+import reference_llama
+from lns_megatron import LNSNorm, LNSTransformerLayer, get_gpt_lns_layer_spec, layernorm_scale
+from lns_megatron.model import build_gpt_model, tiny_config
+
+VOCAB, SEQ, BATCH = 96, 12, 2
+
+
+def causal_mask(s):
+    return torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), 1)
+
+
+def randomize_norms(model, gen):
+    """Non-unit norm weights, so that a scale hidden in a weight cannot pass unnoticed."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name:
+                p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=gen))
+
+
+def test_layernorm_scale_values():
+    assert layernorm_scale(1) == 1.0
+    assert layernorm_scale(4) == 0.5
+    assert math.isclose(layernorm_scale(24), 24**-0.5)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="layer_number"):
+            layernorm_scale(bad)
+
+
+@pytest.mark.parametrize("num_query_groups", [4, 2])
+def test_gpt_model_matches_plain_pytorch_reference(megatron_tp1, num_query_groups):
+    """(a) Logits and every parameter gradient equal an independent float32 reference."""
+    torch.manual_seed(0)
+    config = tiny_config("lns", num_query_groups=num_query_groups)
+    model = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ)
+    gen = torch.Generator().manual_seed(1)
+    randomize_norms(model, gen)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+    positions = torch.arange(SEQ).expand(BATCH, SEQ)
+    probe = torch.randn(BATCH, SEQ, VOCAB, generator=gen)
+
+    logits = model(tokens, positions, causal_mask(SEQ))
+    (logits * probe).sum().backward()
+
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    ref = reference_llama.forward(
+        params,
+        tokens,
+        num_layers=config.num_layers,
+        num_heads=config.num_attention_heads,
+        num_query_groups=num_query_groups,
+        eps=config.layernorm_epsilon,
+        lns=True,
+    )
+    (ref * probe).sum().backward()
+
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+    # The reference without LNS differs: the check can fail.
+    plain = reference_llama.forward(
+        params, tokens, num_layers=config.num_layers, num_heads=4,
+        num_query_groups=num_query_groups, eps=config.layernorm_epsilon, lns=False,
+    )
+    assert (plain - logits).abs().max() > 1e-2
+
+
+def test_pre_scheme_is_megatron_local_spec(megatron_tp1):
+    """(b) norm_scheme='pre' is megatron-core's own local spec, and computes the same function."""
+    assert get_gpt_lns_layer_spec("local", "pre") == get_gpt_layer_local_spec(normalization="RMSNorm")
+    config = tiny_config("pre")
+    torch.manual_seed(3)
+    ours = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ, norm_scheme="pre")
+    from megatron.core.models.gpt import GPTModel
+
+    upstream = GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"), VOCAB, SEQ,
+                        position_embedding_type="rope")
+    upstream.load_state_dict(ours.state_dict())
+    assert all(type(l) is TransformerLayer for l in ours.decoder.layers)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ))
+    positions = torch.arange(SEQ).expand(BATCH, SEQ)
+    torch.testing.assert_close(ours(tokens, positions, causal_mask(SEQ)),
+                               upstream(tokens, positions, causal_mask(SEQ)), rtol=0, atol=0)
+
+
+def test_scales_live_on_the_norms_and_final_norm_is_plain(megatron_tp1):
+    model = build_gpt_model(tiny_config("lns"), vocab_size=VOCAB, max_sequence_length=SEQ)
+    for layer in model.decoder.layers:
+        assert isinstance(layer, LNSTransformerLayer)
+        s = 1.0 / math.sqrt(layer.layer_number)
+        assert layer.input_layernorm.lns_scale == s and layer.pre_mlp_layernorm.lns_scale == s
+    assert [l.layer_number for l in model.decoder.layers] == [1, 2, 3, 4]
+    final = model.decoder.final_layernorm
+    assert final.lns_scale == 1.0
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(final(x), F.rms_norm(x, (64,), final.weight, final.eps))
+    # Constant, not state: nothing LNS-specific reaches the checkpoint.
+    names = set(model.state_dict())
+    assert not any("lns" in n for n in names)
+    assert not any("lns" in n for n, _ in model.named_buffers())
+
+
+@pytest.mark.parametrize("normalization", ["RMSNorm", "LayerNorm"])
+@pytest.mark.parametrize("zero_centered", [False, True])
+def test_effective_affine_equals_scaled_output(normalization, zero_centered):
+    """Zero-centered gamma and LayerNorm bias: s * norm(x), with the same gradients (float64)."""
+    config = tiny_config("lns", normalization=normalization, layernorm_zero_centered_gamma=zero_centered)
+    x = torch.randn(5, 3, 64, dtype=torch.float64)
+    scale = layernorm_scale(7)
+    norm = LNSNorm(config, 64, eps=1e-5).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(-0.5, 0.7, 64))
+        if norm.bias is not None:
+            norm.bias.copy_(torch.linspace(0.3, -0.2, 64))
+    norm.lns_scale = scale
+    out = norm(x)
+    gamma = norm.weight.detach().clone().requires_grad_(True)
+    beta = None if norm.bias is None else norm.bias.detach().clone().requires_grad_(True)
+    effective_gamma = 1 + gamma if zero_centered else gamma
+    if normalization == "RMSNorm":
+        expected = reference_llama.rms_norm(x, effective_gamma, 1e-5) * scale
+    else:
+        expected = F.layer_norm(x, (64,), effective_gamma, beta, 1e-5) * scale
+    probe = torch.randn_like(x)
+    (out * probe).sum().backward()
+    (expected * probe).sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(norm.weight.grad, gamma.grad, rtol=1e-12, atol=1e-12)
+    if beta is not None:
+        torch.testing.assert_close(norm.bias.grad, beta.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_biases_and_qk_layernorm(megatron_tp1):
+    """Linear biases and qk-layernorm are untouched; only the two pre-norms are scaled."""
+    config = tiny_config("lns", add_bias_linear=True, add_qkv_bias=True, normalization="LayerNorm")
+    spec = get_gpt_lns_layer_spec("local", "lns", normalization="LayerNorm", qk_layernorm=True)
+    layer = LNSTransformerLayer(config, spec.submodules, layer_number=9)
+    assert layer.input_layernorm.lns_scale == pytest.approx(1 / 3)
+    assert getattr(layer.self_attention.q_layernorm, "lns_scale", 1.0) == 1.0
+    assert getattr(layer.self_attention.k_layernorm, "lns_scale", 1.0) == 1.0
+    assert layer.self_attention.linear_qkv.bias is not None
+    # The layer's output differs from the same weights at scale 1 (the scale does something).
+    x = torch.randn(SEQ, BATCH, 64)
+    out, _ = layer(x, attention_mask=causal_mask(SEQ))
+    layer.input_layernorm.lns_scale = layer.pre_mlp_layernorm.lns_scale = 1.0
+    unscaled, _ = layer(x, attention_mask=causal_mask(SEQ))
+    assert (out - unscaled).abs().max() > 1e-3
+
+
+def test_unfused_foreign_norm_is_refused(megatron_tp1):
+    """A pre-norm module that cannot apply the scale is an error, never a silent no-op."""
+    import dataclasses
+
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    spec = get_gpt_lns_layer_spec("local", "lns")
+    bad = dataclasses.replace(spec.submodules, pre_mlp_layernorm=WrappedTorchNorm)
+    with pytest.raises(TypeError, match="pre-MLP norm is a RMSNorm"):
+        LNSTransformerLayer(tiny_config("lns"), bad, layer_number=2)
+
+
+def test_output_layer_init_default_and_override(megatron_tp1):
+    """LNS defaults to plain-normal output-layer init; a flag restores the depth-scaled one."""
+    std = 0.02
+    lns = tiny_config("lns", num_layers=8, init_method_std=std)
+    pre = tiny_config("pre", num_layers=8, init_method_std=std)
+    forced = tiny_config("lns", num_layers=8, init_method_std=std, depth_scaled_output_init=True)
+    assert lns.output_layer_init_method.keywords["std"] == pytest.approx(std)
+    assert pre.output_layer_init_method.keywords["std"] == pytest.approx(std / math.sqrt(16))
+    assert forced.output_layer_init_method.keywords["std"] == pytest.approx(std / math.sqrt(16))
+    torch.manual_seed(0)
+    model = build_gpt_model(lns, vocab_size=VOCAB, max_sequence_length=SEQ)
+    w = model.decoder.layers[0].mlp.linear_fc2.weight
+    assert 0.8 * std < w.std().item() < 1.2 * std
+
+
+@pytest.mark.parametrize("how", ["meta", "use_cpu_initialization"])
+def test_scale_survives_meta_and_cpu_initialization(megatron_tp1, how):
+    """(e) A meta-device build materialized with to_empty(), and use_cpu_initialization."""
+    config = tiny_config("lns", use_cpu_initialization=True)
+    if how == "meta":
+        with torch.device("meta"):
+            model = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ)
+        model = model.to_empty(device="cpu")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02)
+    else:
+        model = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ)
+    expected = [1 / math.sqrt(l) for l in range(1, 5)]
+    assert [l.input_layernorm.lns_scale for l in model.decoder.layers] == expected
+    assert [l.pre_mlp_layernorm.lns_scale for l in model.decoder.layers] == expected
+    # The scale still acts in the forward: layer 4's norm output is half the unscaled one.
+    norm = model.decoder.layers[3].input_layernorm
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(norm(x), 0.5 * F.rms_norm(x, (64,), norm.weight, norm.eps))

@@ -1,0 +1,90 @@
+"""(f) Transformer Engine: the fused LNS spec equals the unfused local one, and FP8 runs.
+
+These need Transformer Engine and a CUDA GPU; elsewhere they skip and say so.
+"""
+
+import math
+
+import pytest
+import torch
+
+from lns_megatron.layer import HAVE_TE
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Transformer Engine tests)"),
+    pytest.mark.skipif(not HAVE_TE, reason="needs Transformer Engine (pip install -e .[te])"),
+]
+
+VOCAB, SEQ, BATCH = 128, 32, 2
+LOCAL_TO_TE = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "input_layernorm.bias": "self_attention.linear_qkv.layer_norm_bias",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+    "pre_mlp_layernorm.bias": "mlp.linear_fc1.layer_norm_bias",
+}
+
+
+def to_te_names(state):
+    out = {}
+    for name, value in state.items():
+        for local, te in LOCAL_TO_TE.items():
+            if name.endswith(local):
+                name = name[: -len(local)] + te
+        out[name] = value
+    return out
+
+
+def build_pair(megatron_tp1, **overrides):
+    from lns_megatron.model import build_gpt_model, tiny_config
+
+    config = tiny_config("lns", **overrides)
+    torch.manual_seed(0)
+    local = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ).cuda()
+    with torch.no_grad():
+        for name, p in local.named_parameters():
+            if "layernorm" in name:
+                p.copy_(0.5 * torch.randn_like(p) + (0.0 if config.layernorm_zero_centered_gamma else 1.0))
+    fused = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ,
+                            transformer_impl="transformer_engine").cuda()
+    missing, unexpected = fused.load_state_dict(to_te_names(local.state_dict()), strict=False)
+    assert not [m for m in missing if not m.endswith("_extra_state")] and not unexpected
+    return local, fused
+
+
+@pytest.mark.parametrize("overrides", [{}, {"layernorm_zero_centered_gamma": True},
+                                       {"normalization": "LayerNorm", "add_bias_linear": True}],
+                         ids=["rmsnorm", "zero-centered", "layernorm-bias"])
+def test_fused_te_spec_equals_unfused_local(megatron_tp1, overrides):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    local, fused = build_pair(megatron_tp1, **overrides)
+    for layer in fused.decoder.layers:
+        assert layer.self_attention.linear_qkv.lns_scale == 1 / math.sqrt(layer.layer_number)
+        assert layer.mlp.linear_fc1.lns_scale == 1 / math.sqrt(layer.layer_number)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), device="cuda")
+    positions = torch.arange(SEQ, device="cuda").expand(BATCH, SEQ)
+    mask = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool, device="cuda"), 1)
+    probe = torch.randn(BATCH, SEQ, VOCAB, device="cuda")
+    out_local, out_fused = local(tokens, positions, mask), fused(tokens, positions, mask)
+    torch.testing.assert_close(out_fused, out_local, rtol=2e-3, atol=2e-3)
+    (out_local * probe).sum().backward()
+    (out_fused * probe).sum().backward()
+    fused_params = dict(fused.named_parameters())
+    for name, p in to_te_names(dict(local.named_parameters())).items():
+        torch.testing.assert_close(fused_params[name].grad, p.grad, rtol=5e-3, atol=5e-3, msg=name)
+
+
+def test_fp8_forward_backward_runs_with_lns(megatron_tp1):
+    if not torch.cuda.get_device_capability() >= (8, 9):
+        pytest.skip("FP8 needs an Ada or Hopper GPU (compute capability 8.9+)")
+    from lns_megatron.model import build_gpt_model, tiny_config
+
+    config = tiny_config("lns", fp8="hybrid", fp8_recipe="delayed", params_dtype=torch.bfloat16, bf16=True,
+                         hidden_size=128, ffn_hidden_size=256, num_attention_heads=4)
+    model = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ, transformer_impl="transformer_engine").cuda()
+    tokens = torch.randint(0, VOCAB, (BATCH * 8, SEQ), device="cuda")
+    positions = torch.arange(SEQ, device="cuda").expand(tokens.shape)
+    loss = model(tokens, positions, None, labels=tokens).float().mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    qkv = model.decoder.layers[-1].self_attention.linear_qkv
+    assert qkv.lns_scale == 0.5 and torch.isfinite(qkv.layer_norm_weight.grad).all()
