@@ -1,0 +1,166 @@
+"""Run under torchrun (2 processes): a parallel layout against TP=PP=1 on the same weights.
+
+1. TP=PP=1: build, save the weights with dist_checkpointing, run forward-backward through
+   megatron DDP and finalize_model_grads, keep loss and gradients.
+2. The layout under test: load those weights (megatron reshards them), check every layer's
+   LNS scale against its global index computed here, run the real schedule (1F1B or
+   interleaved), save the gradients as a checkpoint.
+3. TP=PP=1 again: load the layout's gradients and compare them with step 1's.
+Prints "OK" on success; any mismatch raises.
+"""
+
+import argparse
+import math
+import os
+import sys
+import warnings
+from functools import partial
+
+warnings.filterwarnings("ignore")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from lns_megatron import distributed
+from lns_megatron.model import build_gpt_model, tiny_config
+
+VOCAB, SEQ, MBS, MICROBATCHES = 96, 16, 2, 4
+
+
+def build(num_layers, sequence_parallel=False):
+    config = tiny_config(
+        "lns", num_layers=num_layers, num_query_groups=2,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        virtual_pipeline_model_parallel_size=parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+        sequence_parallel=sequence_parallel, pipeline_dtype=torch.float32,
+    )
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        model = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ,
+                                vp_stage=vp_stage if vpp else None)
+        chunks.append(DistributedDataParallel(config, DistributedDataParallelConfig(), model))
+    config.finalize_model_grads_func = finalize_model_grads
+    return config, chunks
+
+
+def sharded(chunks):
+    return {f"model{i}": c.module.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def batches():
+    gen = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, VOCAB, (MICROBATCHES, MBS, SEQ + 1), generator=gen)
+    return [dict(tokens=t[:, :-1], labels=t[:, 1:]) for t in tokens]
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    positions = torch.arange(SEQ).expand(MBS, SEQ)
+    mask = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), 1)
+    output = model(batch["tokens"], positions, mask, labels=batch["labels"])
+
+    def loss_func(per_token_loss):
+        loss = per_token_loss.float().mean()
+        return loss, {"lm loss": loss.detach().clone()}
+
+    return output, loss_func
+
+
+def run_step(chunks):
+    for c in chunks:
+        c.zero_grad_buffer()
+    iters = [iter(batches()) for _ in chunks]
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iters if len(chunks) > 1 else iters[0],
+        model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=MICROBATCHES,
+        seq_length=SEQ, micro_batch_size=MBS, forward_only=False,
+    )
+    loss = torch.zeros(1)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        loss += sum(l["lm loss"] for l in losses) / len(losses)
+    dist.all_reduce(loss, group=parallel_state.get_pipeline_model_parallel_group())
+    return loss.item()
+
+
+def grads_into_weights(chunks):
+    with torch.no_grad():
+        for c in chunks:
+            for p in c.module.parameters():
+                p.copy_(p.main_grad)
+
+
+def expected_global_layers(num_layers, pp_rank, pp, vpp, vp_stage):
+    """Global 1-based layer numbers of a chunk, computed independently of megatron."""
+    per_chunk = num_layers // (pp * (vpp or 1))
+    first = ((vp_stage or 0) * pp + pp_rank) * per_chunk
+    return list(range(first + 1, first + per_chunk + 1))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--vpp", type=int, default=None)
+    ap.add_argument("--sequence-parallel", action="store_true")
+    ap.add_argument("--num-layers", type=int, default=4)
+    ap.add_argument("--dir", required=True)
+    args = ap.parse_args()
+    weights, grads = os.path.join(args.dir, "weights"), os.path.join(args.dir, "grads")
+
+    distributed.initialize(1, 1, seed=11)
+    _, ref = build(args.num_layers)
+    torch.manual_seed(5)
+    with torch.no_grad():  # non-unit norm weights, identical on every rank
+        for n, p in ref[0].module.named_parameters():
+            if "layernorm" in n:
+                p.copy_(1.0 + 0.5 * torch.randn(p.shape))
+    if dist.get_rank() == 0:
+        os.makedirs(weights)
+    dist.barrier()
+    dist_checkpointing.save(sharded(ref), weights)
+    ref_loss = run_step(ref)
+    ref_grads = {n: p.main_grad.clone() for n, p in ref[0].module.named_parameters()}
+    parallel_state.destroy_model_parallel()
+
+    distributed.initialize(args.tp, args.pp, args.vpp, seed=11)
+    _, chunks = build(args.num_layers, args.sequence_parallel)
+    state = dist_checkpointing.load(sharded(chunks), weights)
+    for i, c in enumerate(chunks):
+        c.module.load_state_dict(state[f"model{i}"])
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    for vp_stage, c in enumerate(chunks):
+        layers = c.module.decoder.layers
+        expected = expected_global_layers(args.num_layers, pp_rank, args.pp, args.vpp, vp_stage)
+        got = [l.layer_number for l in layers]
+        assert got == expected, f"rank {dist.get_rank()} chunk {vp_stage}: layers {got} != {expected}"
+        for l, g in zip(layers, expected):
+            assert l.input_layernorm.lns_scale == 1 / math.sqrt(g) == l.pre_mlp_layernorm.lns_scale
+            if args.sequence_parallel:
+                assert l.input_layernorm.weight.sequence_parallel and l.pre_mlp_layernorm.weight.sequence_parallel
+        print(f"rank {dist.get_rank()} pp_rank {pp_rank} chunk {vp_stage}: layers {got}", flush=True)
+    loss = run_step(chunks)
+    assert math.isclose(loss, ref_loss, rel_tol=1e-5), f"loss {loss} != TP=PP=1 loss {ref_loss}"
+    grads_into_weights(chunks)
+    if dist.get_rank() == 0:
+        os.makedirs(grads)
+    dist.barrier()
+    dist_checkpointing.save(sharded(chunks), grads)
+    parallel_state.destroy_model_parallel()
+
+    distributed.initialize(1, 1, seed=11)
+    _, back = build(args.num_layers)
+    back[0].module.load_state_dict(dist_checkpointing.load(sharded(back), grads)["model0"])
+    for n, p in back[0].module.named_parameters():
+        torch.testing.assert_close(p.detach(), ref_grads[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    print(f"OK loss={loss:.6f} ref={ref_loss:.6f}", flush=True)
+    distributed.destroy()
+
+
+if __name__ == "__main__":
+    main()
