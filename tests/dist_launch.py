@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def torchrun(script, *args, nproc=2, timeout=300, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", script, *map(str, args)]
-    run_env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **(env or {}))
+    run_env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1", **(env or {}))
     proc = subprocess.run(cmd, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=timeout)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(cmd)} failed with exit code {proc.returncode}:\n{output[-6000:]}"

@@ -1,0 +1,158 @@
+"""Checkpoints in megatron's torch_dist format, with a crash-safe "latest" pointer.
+
+Layout (Megatron-LM's): ``SAVE/iter_0000100/`` holds one checkpoint, and
+``SAVE/latest_checkpointed_iteration.txt`` names the newest complete one. A save is written
+to ``iter_0000100.tmp`` and renamed when every rank has finished; only then does the pointer
+move (by an atomic replace), so a process killed mid-save never damages the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+TRACKER = "latest_checkpointed_iteration.txt"
+CONFIG_FILE = "pretrain_config.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def unwrap(chunk):
+    """The GPTModel inside DDP and Float16Module wrappers."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def latest_checkpoint(root: str) -> Tuple[str, int]:
+    """(directory, iteration) of the newest complete checkpoint under ``root``.
+
+    ``root`` may also be one ``iter_*`` directory itself.
+    """
+    if not os.path.isdir(root):
+        raise CheckpointError(f"checkpoint {root}: no such directory; give a --save directory of an earlier run")
+    if os.path.isfile(os.path.join(root, CONFIG_FILE)):
+        name = os.path.basename(os.path.normpath(root))
+        return root, int(name.split("_")[-1]) if name.startswith("iter_") else 0
+    tracker = os.path.join(root, TRACKER)
+    if not os.path.isfile(tracker):
+        raise CheckpointError(f"checkpoint {root}: no {TRACKER}; it holds no complete checkpoint (was a save interrupted?)")
+    text = open(tracker).read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"checkpoint {root}: {TRACKER} says {text!r}, not an iteration number; the file is corrupt")
+    directory = iteration_dir(root, int(text))
+    if not os.path.isfile(os.path.join(directory, CONFIG_FILE)):
+        raise CheckpointError(f"checkpoint {directory}: missing or incomplete ({CONFIG_FILE} absent)")
+    return directory, int(text)
+
+
+def saved_config(directory: str) -> dict:
+    with open(os.path.join(directory, CONFIG_FILE)) as f:
+        return json.load(f)
+
+
+def _rng_state() -> dict:
+    return {
+        "random": random.getstate(),
+        "np": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["np"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_state(model: List, optimizer, is_loading: bool) -> dict:
+    state = {f"model{i}": unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model)}
+    if optimizer is not None:
+        model_state = {}
+        for chunk_state in state.values():
+            model_state.update(chunk_state)
+        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading)
+    pp, tp = parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_world_size()
+    state["rng_state"] = ShardedObject(
+        "rng_state", _rng_state(), (pp, tp),
+        (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
+        replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
+    )
+    return state
+
+
+def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: List, optimizer, scheduler,
+                    config_json: str) -> str:
+    final = iteration_dir(root, iteration)
+    partial = final + ".tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # debris of an interrupted save
+        os.makedirs(partial)
+    dist.barrier()
+    state = _sharded_state(model, optimizer, is_loading=False)
+    state.update(iteration=iteration, consumed_samples=consumed_samples,
+                 opt_param_scheduler=scheduler.state_dict() if scheduler is not None else None)
+    dist_checkpointing.save(state, partial)
+    dist.barrier()
+    if rank == 0:
+        with open(os.path.join(partial, CONFIG_FILE), "w") as f:  # written last: marks completeness
+            f.write(config_json)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(partial, final)
+        tmp_tracker = os.path.join(root, TRACKER + ".tmp")
+        with open(tmp_tracker, "w") as f:
+            f.write(str(iteration))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_tracker, os.path.join(root, TRACKER))
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(root: str, model: List, optimizer=None, scheduler=None, load_rng: bool = True
+                    ) -> Tuple[int, int]:
+    """Load into ``model`` (any TP/PP layout: dist_checkpointing reshards). Returns
+    (iteration, consumed_samples)."""
+    directory, _ = latest_checkpoint(root)
+    saved = saved_config(directory)
+    same_layout = (saved.get("tensor_model_parallel_size") == parallel_state.get_tensor_model_parallel_world_size()
+                   and saved.get("pipeline_model_parallel_size") == parallel_state.get_pipeline_model_parallel_world_size())
+    sharded = _sharded_state(model, optimizer, is_loading=True)
+    if not (load_rng and same_layout):
+        sharded.pop("rng_state")
+    try:
+        state = dist_checkpointing.load(sharded, directory)
+    except Exception as e:  # a missing shard, a torn file, a different model shape
+        raise CheckpointError(f"checkpoint {directory}: cannot be loaded into this model: {e}") from e
+    for i, chunk in enumerate(model):
+        unwrap(chunk).load_state_dict(state[f"model{i}"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("opt_param_scheduler") is not None:
+        scheduler.load_state_dict(state["opt_param_scheduler"])
+    if "rng_state" in state:
+        _set_rng_state(state["rng_state"])
+    return state["iteration"], state["consumed_samples"]

@@ -1,0 +1,103 @@
+"""Console lines and TensorBoard scalars in Megatron-LM's style and names."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from lns_megatron.config import PretrainConfig
+
+
+def flops_per_iteration(c: PretrainConfig, padded_vocab_size: int) -> float:
+    """Megatron-LM's model FLOPs per iteration (forward + backward) for GQA and SwiGLU."""
+    kv_channels = c.hidden_size // c.num_attention_heads
+    query_ratio = kv_channels * c.num_attention_heads / c.hidden_size
+    gated = 1.5 if c.swiglu else 1.0
+    expansion = 3 * 2 * 2  # fwd + 2x bwd; 2 FLOPs per MAC; two GEMMs per block
+    return (
+        expansion * c.global_batch_size * c.seq_length * c.num_layers * c.hidden_size**2
+        * (
+            (1 + c.num_query_groups / c.num_attention_heads + c.seq_length / c.hidden_size / 2) * query_ratio
+            + c.ffn_hidden_size / c.hidden_size * gated
+            + padded_vocab_size / (2 * c.num_layers * c.hidden_size)
+        )
+    )
+
+
+class MetricsLogger:
+    """Only the last rank writes TensorBoard and prints the iteration line, as in Megatron-LM."""
+
+    def __init__(self, c: PretrainConfig, padded_vocab_size: int):
+        self.c = c
+        self.flops = flops_per_iteration(c, padded_vocab_size)
+        self.is_writer = dist.get_rank() == dist.get_world_size() - 1
+        self.writer = None
+        if self.is_writer and c.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=c.tensorboard_dir, max_queue=100)
+        self.interval_start = time.perf_counter()
+        self.interval_iters = 0
+        self.skipped = 0
+        self.nan = 0
+
+    def scalar(self, name: str, value: float, iteration: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(name, value, iteration)
+
+    def training_step(self, iteration: int, consumed_samples: int, loss: float, lr: float, grad_norm: Optional[float],
+                      loss_scale: float, skipped: bool) -> None:
+        self.interval_iters += 1
+        self.skipped += int(skipped)
+        if iteration % self.c.log_interval != 0:
+            return
+        elapsed = (time.perf_counter() - self.interval_start) / self.interval_iters
+        tflops = self.flops / (elapsed * 1e12 * dist.get_world_size())
+        tokens_per_sec = self.c.global_batch_size * self.c.seq_length / elapsed
+        values: Dict[str, float] = {
+            "lm loss": loss, "learning-rate": lr, "batch-size": self.c.global_batch_size, "loss-scale": loss_scale,
+            "iteration-time": elapsed, "throughput": tflops, "tokens-per-sec": tokens_per_sec,
+        }
+        if grad_norm is not None:
+            values["grad-norm"] = grad_norm
+        if torch.cuda.is_available():
+            values["mem-allocated-bytes"] = torch.cuda.memory_allocated()
+            values["mem-max-allocated-bytes"] = torch.cuda.max_memory_allocated()
+        for name, value in values.items():
+            self.scalar(name, value, iteration)
+        if self.is_writer:
+            grad = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
+            print(
+                f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {iteration:8d}/{self.c.train_iters:8d} |"
+                f" consumed samples: {consumed_samples:12d} | elapsed time per iteration (ms): {elapsed * 1000:.1f} |"
+                f" throughput per GPU (TFLOP/s/GPU): {tflops:.3g} | tokens per second: {tokens_per_sec:.0f} |"
+                f" learning rate: {lr:.6E} | global batch size: {self.c.global_batch_size:5d} |"
+                f" lm loss: {loss:.6E} | loss scale: {loss_scale:.1f} | grad norm: {grad} |"
+                f" number of skipped iterations: {self.skipped:3d} | number of nan iterations: {self.nan:3d} |",
+                flush=True,
+            )
+        self.interval_start = time.perf_counter()
+        self.interval_iters = 0
+        self.skipped = 0
+
+    def validation(self, iteration: int, loss: float) -> None:
+        ppl = math.exp(min(20.0, loss))
+        self.scalar("lm loss validation", loss, iteration)
+        self.scalar("lm loss validation ppl", ppl, iteration)
+        if self.is_writer:
+            line = f" validation loss at iteration {iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} "
+            print("-" * len(line) + "\n" + line + "\n" + "-" * len(line), flush=True)
+
+    def depth(self, iteration: int, stats: Dict[str, list]) -> None:
+        for metric, per_layer in stats.items():
+            for layer, value in enumerate(per_layer, start=1):
+                self.scalar(f"depth/{metric}/layer_{layer:03d}", value, iteration)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()

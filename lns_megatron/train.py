@@ -1,0 +1,250 @@
+"""The pretraining loop, built from megatron-core's parts.
+
+parallel_state -> GPTModel (LNS spec) -> Float16Module (bf16) -> DDP -> distributed optimizer
+-> OptimizerParamScheduler -> get_forward_backward_func (no pipelining, 1F1B or interleaved)
+-> finalize_model_grads, with dist_checkpointing checkpoints. Mirrors Megatron-LM's
+``pretrain_gpt.py`` without its ``megatron.training`` package, which megatron-core does not ship.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from functools import partial
+from typing import List
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+
+from lns_megatron import checkpoint, data, diagnostics, distributed
+from lns_megatron.config import ConfigError, PretrainConfig, validate
+from lns_megatron.layer import HAVE_TE
+from lns_megatron.metrics import MetricsLogger
+from lns_megatron.model import build_gpt_model, lns_transformer_config
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def transformer_config(c: PretrainConfig):
+    import torch.nn.functional as F
+
+    return lns_transformer_config(
+        c.norm_scheme,
+        depth_scaled_output_init=c.depth_scaled_output_init or None,
+        num_layers=c.num_layers,
+        hidden_size=c.hidden_size,
+        ffn_hidden_size=c.ffn_hidden_size,
+        num_attention_heads=c.num_attention_heads,
+        num_query_groups=c.num_query_groups,
+        normalization=c.normalization,
+        layernorm_epsilon=c.norm_epsilon,
+        layernorm_zero_centered_gamma=c.apply_layernorm_1p,
+        gated_linear_unit=c.swiglu,
+        activation_func=F.silu if c.swiglu else F.gelu,
+        add_bias_linear=not c.disable_bias_linear,
+        init_method_std=c.init_method_std,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bf16=c.bf16,
+        params_dtype=torch.bfloat16 if c.bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if c.bf16 else torch.float32,
+        tensor_model_parallel_size=c.tensor_model_parallel_size,
+        pipeline_model_parallel_size=c.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=c.virtual_pipeline_model_parallel_size,
+        sequence_parallel=c.sequence_parallel,
+        fp8=c.fp8_format,
+        fp8_recipe=c.fp8_recipe,
+        fp8_amax_history_len=c.fp8_amax_history_len,
+        fp8_amax_compute_algo="max",
+        # The fused kernels need CUDA (and apex/TE); the CPU mode runs the unfused paths.
+        bias_activation_fusion=torch.cuda.is_available() and c.swiglu,
+        masked_softmax_fusion=torch.cuda.is_available(),
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=not torch.cuda.is_available(),
+    )
+
+
+def build_model(c: PretrainConfig, vocab_size: int) -> List[torch.nn.Module]:
+    config = transformer_config(c)
+    vpp = c.virtual_pipeline_model_parallel_size
+    model = []
+    for vp_stage in range(vpp or 1):
+        chunk = build_gpt_model(
+            config, vocab_size=vocab_size, max_sequence_length=c.max_position_embeddings,
+            norm_scheme=c.norm_scheme, transformer_impl=c.transformer_impl,
+            position_embedding_type=c.position_embedding_type,
+            share_embeddings_and_output_weights=not c.untie_embeddings_and_output_weights,
+            qk_layernorm=c.qk_layernorm, vp_stage=vp_stage if vpp else None,
+        )
+        if torch.cuda.is_available():
+            chunk.cuda(torch.cuda.current_device())
+        if c.bf16:
+            chunk = Float16Module(config, chunk)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=c.bf16, overlap_grad_reduce=c.overlap_grad_reduce,
+            overlap_param_gather=c.overlap_param_gather, use_distributed_optimizer=c.use_distributed_optimizer,
+        )
+        # Only the first chunk's buckets may skip the bucketing of the embedding, as in Megatron-LM.
+        model.append(DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=vp_stage > 0))
+    return model
+
+
+def build_optimizer(c: PretrainConfig, model):
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam", lr=c.lr, min_lr=c.min_lr, weight_decay=c.weight_decay,
+            adam_beta1=c.adam_beta1, adam_beta2=c.adam_beta2, adam_eps=c.adam_eps, clip_grad=c.clip_grad,
+            bf16=c.bf16, params_dtype=torch.bfloat16 if c.bf16 else torch.float32,
+            use_distributed_optimizer=c.use_distributed_optimizer,
+        ),
+        model,
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=c.lr, min_lr=c.min_lr, lr_warmup_steps=c.lr_warmup_iters,
+        lr_decay_steps=c.lr_decay_iters, lr_decay_style=c.lr_decay_style,
+        start_wd=c.weight_decay, end_wd=c.weight_decay, wd_incr_steps=c.train_iters, wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def forward_step(data_iterator, model):
+    """Megatron-LM's GPT forward step: per-token cross entropy averaged over the loss mask."""
+    batch = next(data_iterator)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    mask = batch.get("attention_mask")
+    output = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
+    return output, partial(_masked_mean_loss, batch["loss_mask"])
+
+
+def _masked_mean_loss(loss_mask, per_token_loss):
+    loss_mask = loss_mask.view(-1).float()
+    loss = (per_token_loss.view(-1).float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+    # clone(): the schedule divides the returned loss in place by the number of micro-batches.
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def _mean_loss(losses) -> float:
+    """Mean micro-batch loss, averaged over DP and broadcast from the last stage to every rank."""
+    value = torch.zeros(1, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and losses:
+        value += torch.stack([l["lm loss"].double() for l in losses]).mean()
+    dist.all_reduce(value, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    value /= parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+    dist.all_reduce(value, group=parallel_state.get_pipeline_model_parallel_group())
+    return value.item()
+
+
+def _run(model, iterators, c: PretrainConfig, forward_only: bool):
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators if len(model) > 1 else iterators[0],
+        model=model if len(model) > 1 else model[0],
+        num_microbatches=c.num_microbatches, seq_length=c.seq_length, micro_batch_size=c.micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def train_step(model, optimizer, scheduler, iterators, c: PretrainConfig):
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = _run(model, iterators, c, forward_only=False)
+    loss = _mean_loss(losses)
+    return loss
+
+
+def evaluate(model, iterators, c: PretrainConfig) -> float:
+    for chunk in model:
+        chunk.eval()
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(c.eval_iters):
+            total += _mean_loss(_run(model, iterators, c, forward_only=True))
+    for chunk in model:
+        chunk.train()
+    return total / c.eval_iters
+
+
+def pretrain(c: PretrainConfig) -> dict:
+    """Train; returns {"losses": {iteration: loss}, "iteration": last} (for tests and scripts)."""
+    validate(c, torch.cuda.is_available(), HAVE_TE)
+    if c.data_path:
+        data.check_data_paths(c)
+    tokenizer = data.build_tokenizer_from_config(c)
+    if c.load is not None:
+        checkpoint.latest_checkpoint(c.load)  # a clear error before any memory is allocated
+    distributed.initialize(c.tensor_model_parallel_size, c.pipeline_model_parallel_size,
+                           c.virtual_pipeline_model_parallel_size, seed=c.seed)
+    vocab = data.padded_vocab_size(tokenizer.vocab_size, c.make_vocab_size_divisible_by, c.tensor_model_parallel_size)
+    model = build_model(c, vocab)
+    optimizer, scheduler = build_optimizer(c, model)
+    config = model[0].config
+    config.grad_scale_func = optimizer.scale_loss
+    config.finalize_model_grads_func = finalize_model_grads
+    if c.overlap_grad_reduce:
+        config.no_sync_func = [chunk.no_sync for chunk in model] if len(model) > 1 else model[0].no_sync
+    if c.overlap_param_gather:
+        config.param_sync_func = [chunk.start_param_sync for chunk in model] if len(model) > 1 else model[0].start_param_sync
+
+    iteration, consumed = 0, 0
+    if c.load is not None:
+        iteration, consumed = checkpoint.load_checkpoint(c.load, model, optimizer, scheduler)
+    train_ds, valid_ds, _ = data.build_datasets(c, tokenizer)
+    train_iters = data.data_iterators(train_ds, c, consumed, len(model))
+    valid_iters = data.data_iterators(valid_ds, c, 0, len(model)) if c.eval_iters > 0 else None
+    depth_batch = next(data.data_iterators(valid_ds or train_ds, c, 0, 1)[0]) if c.depth_log_interval else None
+
+    logger = MetricsLogger(c, vocab)
+    if logger.is_writer:
+        print(f"lns-pretrain: {c.norm_scheme} | {c.num_layers} layers x {c.hidden_size} | TP={c.tensor_model_parallel_size} "
+              f"PP={c.pipeline_model_parallel_size} VPP={c.virtual_pipeline_model_parallel_size} DP={c.data_parallel_size} | "
+              f"{c.num_microbatches} micro-batches of {c.micro_batch_size} | vocab {tokenizer.vocab_size} (padded {vocab})",
+              flush=True)
+    losses = {}
+    config_json = c.to_json()
+    try:
+        while iteration < c.train_iters:
+            loss = train_step(model, optimizer, scheduler, train_iters, c)
+            iteration += 1
+            if not math.isfinite(loss):
+                logger.nan += 1
+                raise NonFiniteLossError(
+                    f"lm loss is {loss} at iteration {iteration}; stopping without saving a checkpoint from this state "
+                    "(lower --lr, raise --lr-warmup-iters or --clip-grad, and resume from the last checkpoint)"
+                )
+            depth_due = c.depth_log_interval and iteration % c.depth_log_interval == 0
+            grad_norms = diagnostics.layer_grad_norms(model, optimizer, c.num_layers) if depth_due else None
+            update_ok, grad_norm, _ = optimizer.step()
+            if update_ok:
+                scheduler.step(increment=1)
+            consumed += c.global_batch_size
+            losses[iteration] = loss
+            logger.training_step(iteration, consumed, loss, scheduler.get_lr(optimizer.param_groups[0]),
+                                 grad_norm, optimizer.get_loss_scale().item(), skipped=not update_ok)
+            if depth_due:
+                stats = diagnostics.hidden_state_stats(model, depth_batch, forward_step, c.num_layers, c.seq_length,
+                                                       c.sequence_parallel)
+                stats["grad-norm"] = grad_norms
+                logger.depth(iteration, stats)
+            if valid_iters and c.eval_interval and iteration % c.eval_interval == 0:
+                logger.validation(iteration, evaluate(model, valid_iters, c))
+            if c.save and c.save_interval and iteration % c.save_interval == 0:
+                checkpoint.save_checkpoint(c.save, iteration, consumed, model, optimizer, scheduler, config_json)
+            if c.exit_interval and iteration >= c.exit_interval:
+                break
+        if c.save and not (c.save_interval and iteration % c.save_interval == 0):
+            checkpoint.save_checkpoint(c.save, iteration, consumed, model, optimizer, scheduler, config_json)
+    finally:
+        logger.close()
+    return {"losses": losses, "iteration": iteration}
