@@ -56,7 +56,7 @@ else
     PRECISION_ARGS=()
     PARALLEL_EXTRA=()
     LOG_ARGS=(--log-interval 10 --eval-interval 25 --eval-iters 2 --depth-log-interval 25)
-    LR_ARGS=(--lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 5)
+    LR_ARGS=(--lr 1e-3 --min-lr 1e-4 --lr-warmup-iters $((TRAIN_ITERS / 10)))
     NUM_WORKERS=${NUM_WORKERS:-0}
 fi
 CHECKPOINT_DIR=${CHECKPOINT_DIR/default/$PRESET}

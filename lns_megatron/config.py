@@ -192,9 +192,6 @@ def validate(c: PretrainConfig, cuda_available: bool, have_te: bool) -> None:
     for name in ("num_layers", "hidden_size", "num_attention_heads"):
         need(getattr(c, name) is not None, f"--{name.replace('_', '-')} is required (or pick a --preset, e.g. --preset tiny)")
     tp, pp = c.tensor_model_parallel_size, c.pipeline_model_parallel_size
-    need(c.world_size % (tp * pp) == 0,
-         f"world size {c.world_size} is not divisible by --tensor-model-parallel-size {tp} x "
-         f"--pipeline-model-parallel-size {pp}; launch a multiple of {tp * pp} processes")
     need(c.num_attention_heads % tp == 0,
          f"--num-attention-heads {c.num_attention_heads} is not divisible by --tensor-model-parallel-size {tp}; "
          "choose a TP size that divides the heads")
@@ -211,6 +208,9 @@ def validate(c: PretrainConfig, cuda_available: bool, have_te: bool) -> None:
          + f"; use a multiple of {chunk} layers")
     if c.num_layers_per_virtual_pipeline_stage is not None:
         need(pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+    need(c.world_size % (tp * pp) == 0,
+         f"world size {c.world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+         f"--pipeline-model-parallel-size {pp}; launch a multiple of {tp * pp} processes")
     dp = c.data_parallel_size
     if c.global_batch_size is None:
         c.global_batch_size = c.micro_batch_size * dp
@@ -242,6 +242,10 @@ def validate(c: PretrainConfig, cuda_available: bool, have_te: bool) -> None:
         need(c.transformer_impl == "transformer_engine", "--fp8-format needs --transformer-impl transformer_engine")
         need(c.bf16, "--fp8-format needs --bf16 for the non-FP8 parts")
     need(c.train_iters > 0, "--train-iters must be positive")
+    need(c.min_lr <= c.lr, f"--min-lr {c.min_lr} is above --lr {c.lr}; lower --min-lr")
+    need(c.lr_warmup_iters < c.lr_decay_iters,
+         f"--lr-warmup-iters {c.lr_warmup_iters} must be smaller than the decay length {c.lr_decay_iters} "
+         "(--lr-decay-iters, default --train-iters); shorten the warmup")
     need(c.mock_data or c.data_path, "no training data: give --data-path PREFIX (from tools/preprocess_data.py) or --mock-data")
     need(not (c.mock_data and c.data_path), "--mock-data and --data-path are exclusive; drop one")
     if c.mock_data and c.tokenizer_type is None:

@@ -51,6 +51,10 @@ def check_data_paths(c: PretrainConfig) -> None:
                 f"--data-path {prefix}: {missing[0]} not found; give the --output-prefix of tools/preprocess_data.py "
                 "plus _text_document (e.g. data/corpus_text_document)"
             )
+        if os.path.getsize(prefix + ".bin") == 0:
+            raise ConfigError(
+                f"--data-path {prefix}: the dataset holds no tokens; re-run tools/preprocess_data.py on non-empty text"
+            )
         dataset = IndexedDataset(prefix, mmap=True)  # keep it alive: its arrays view the mmap
         lengths = dataset.sequence_lengths.astype(np.int64)
         del dataset

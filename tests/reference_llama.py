@@ -19,8 +19,8 @@ def rms_norm(x, weight, eps):
 def rope(x, base=10000.0):
     """x: [s, b, heads, d]; rotate-half (non-interleaved) rotary embedding."""
     s, d = x.shape[0], x.shape[-1]
-    inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    angles = torch.outer(torch.arange(s, dtype=torch.float64), inv_freq)
+    inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d))
+    angles = torch.outer(torch.arange(s, dtype=torch.float64, device=x.device), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)[:, None, None, :]
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x[..., : d // 2], x[..., d // 2 :]
@@ -34,7 +34,7 @@ def forward(params, tokens, *, num_layers, num_heads, num_query_groups, eps, lns
     s, b, hidden = h.shape
     head_dim = hidden // num_heads
     heads_per_group = num_heads // num_query_groups
-    causal = torch.triu(torch.ones(s, s, dtype=torch.bool), 1)
+    causal = torch.triu(torch.ones(s, s, dtype=torch.bool, device=h.device), 1)
     for i in range(num_layers):
         pre = f"decoder.layers.{i}."
         scale = 1.0 / math.sqrt(i + 1) if lns else 1.0

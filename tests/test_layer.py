@@ -13,10 +13,11 @@ from lns_megatron import LNSNorm, LNSTransformerLayer, get_gpt_lns_layer_spec, l
 from lns_megatron.model import build_gpt_model, tiny_config
 
 VOCAB, SEQ, BATCH = 96, 12, 2
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the same suite runs on one GPU
 
 
 def causal_mask(s):
-    return torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), 1)
+    return torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool, device=DEVICE), 1)
 
 
 def randomize_norms(model, gen):
@@ -24,7 +25,7 @@ def randomize_norms(model, gen):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "layernorm" in name:
-                p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=gen))
+                p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=gen).to(p.device))
 
 
 def test_layernorm_scale_values():
@@ -41,12 +42,12 @@ def test_gpt_model_matches_plain_pytorch_reference(megatron_tp1, num_query_group
     """(a) Logits and every parameter gradient equal an independent float32 reference."""
     torch.manual_seed(0)
     config = tiny_config("lns", num_query_groups=num_query_groups)
-    model = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ)
+    model = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ).to(DEVICE)
     gen = torch.Generator().manual_seed(1)
     randomize_norms(model, gen)
-    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
-    positions = torch.arange(SEQ).expand(BATCH, SEQ)
-    probe = torch.randn(BATCH, SEQ, VOCAB, generator=gen)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen).to(DEVICE)
+    positions = torch.arange(SEQ, device=DEVICE).expand(BATCH, SEQ)
+    probe = torch.randn(BATCH, SEQ, VOCAB, generator=gen).to(DEVICE)
 
     logits = model(tokens, positions, causal_mask(SEQ))
     (logits * probe).sum().backward()
@@ -79,21 +80,21 @@ def test_pre_scheme_is_megatron_local_spec(megatron_tp1):
     assert get_gpt_lns_layer_spec("local", "pre") == get_gpt_layer_local_spec(normalization="RMSNorm")
     config = tiny_config("pre")
     torch.manual_seed(3)
-    ours = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ, norm_scheme="pre")
+    ours = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ, norm_scheme="pre").to(DEVICE)
     from megatron.core.models.gpt import GPTModel
 
     upstream = GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"), VOCAB, SEQ,
-                        position_embedding_type="rope")
+                        position_embedding_type="rope").to(DEVICE)
     upstream.load_state_dict(ours.state_dict())
     assert all(type(l) is TransformerLayer for l in ours.decoder.layers)
-    tokens = torch.randint(0, VOCAB, (BATCH, SEQ))
-    positions = torch.arange(SEQ).expand(BATCH, SEQ)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), device=DEVICE)
+    positions = torch.arange(SEQ, device=DEVICE).expand(BATCH, SEQ)
     torch.testing.assert_close(ours(tokens, positions, causal_mask(SEQ)),
                                upstream(tokens, positions, causal_mask(SEQ)), rtol=0, atol=0)
 
 
 def test_scales_live_on_the_norms_and_final_norm_is_plain(megatron_tp1):
-    model = build_gpt_model(tiny_config("lns"), vocab_size=VOCAB, max_sequence_length=SEQ)
+    model = build_gpt_model(tiny_config("lns"), vocab_size=VOCAB, max_sequence_length=SEQ).to(DEVICE)
     for layer in model.decoder.layers:
         assert isinstance(layer, LNSTransformerLayer)
         s = 1.0 / math.sqrt(layer.layer_number)
@@ -114,13 +115,13 @@ def test_scales_live_on_the_norms_and_final_norm_is_plain(megatron_tp1):
 def test_effective_affine_equals_scaled_output(normalization, zero_centered):
     """Zero-centered gamma and LayerNorm bias: s * norm(x), with the same gradients (float64)."""
     config = tiny_config("lns", normalization=normalization, layernorm_zero_centered_gamma=zero_centered)
-    x = torch.randn(5, 3, 64, dtype=torch.float64)
+    x = torch.randn(5, 3, 64, dtype=torch.float64, device=DEVICE)
     scale = layernorm_scale(7)
-    norm = LNSNorm(config, 64, eps=1e-5).double()
+    norm = LNSNorm(config, 64, eps=1e-5).double().to(DEVICE)
     with torch.no_grad():
-        norm.weight.copy_(torch.linspace(-0.5, 0.7, 64))
+        norm.weight.copy_(torch.linspace(-0.5, 0.7, 64, device=DEVICE))
         if norm.bias is not None:
-            norm.bias.copy_(torch.linspace(0.3, -0.2, 64))
+            norm.bias.copy_(torch.linspace(0.3, -0.2, 64, device=DEVICE))
     norm.lns_scale = scale
     out = norm(x)
     gamma = norm.weight.detach().clone().requires_grad_(True)
@@ -143,13 +144,13 @@ def test_biases_and_qk_layernorm(megatron_tp1):
     """Linear biases and qk-layernorm are untouched; only the two pre-norms are scaled."""
     config = tiny_config("lns", add_bias_linear=True, add_qkv_bias=True, normalization="LayerNorm")
     spec = get_gpt_lns_layer_spec("local", "lns", normalization="LayerNorm", qk_layernorm=True)
-    layer = LNSTransformerLayer(config, spec.submodules, layer_number=9)
+    layer = LNSTransformerLayer(config, spec.submodules, layer_number=9).to(DEVICE)
     assert layer.input_layernorm.lns_scale == pytest.approx(1 / 3)
     assert getattr(layer.self_attention.q_layernorm, "lns_scale", 1.0) == 1.0
     assert getattr(layer.self_attention.k_layernorm, "lns_scale", 1.0) == 1.0
     assert layer.self_attention.linear_qkv.bias is not None
     # The layer's output differs from the same weights at scale 1 (the scale does something).
-    x = torch.randn(SEQ, BATCH, 64)
+    x = torch.randn(SEQ, BATCH, 64, device=DEVICE)
     out, _ = layer(x, attention_mask=causal_mask(SEQ))
     layer.input_layernorm.lns_scale = layer.pre_mlp_layernorm.lns_scale = 1.0
     unscaled, _ = layer(x, attention_mask=causal_mask(SEQ))
@@ -201,5 +202,5 @@ def test_scale_survives_meta_and_cpu_initialization(megatron_tp1, how):
     assert [l.pre_mlp_layernorm.lns_scale for l in model.decoder.layers] == expected
     # The scale still acts in the forward: layer 4's norm output is half the unscaled one.
     norm = model.decoder.layers[3].input_layernorm
-    x = torch.randn(3, 64)
+    x = torch.randn(3, 64, device=norm.weight.device)
     torch.testing.assert_close(norm(x), 0.5 * F.rms_norm(x, (64,), norm.weight, norm.eps))
