@@ -31,5 +31,5 @@ setup(
         "te": ["transformer-engine[pytorch]>=2.9,<2.12"],
         "deepspeed": ["deepspeed"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["lns-pretrain=lns_megatron.pretrain:main"]},
 )

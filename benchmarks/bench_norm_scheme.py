@@ -48,7 +48,8 @@ def main():
     own, rest = ap.parse_known_args()
     if "--mock-data" not in rest and "--data-path" not in rest:
         rest += ["--mock-data"] + ([] if "--vocab-size" in rest else ["--vocab-size", "32000"])
-    rest += ["--num-workers", "0", "--train-iters", "1000000", "--depth-log-interval", "0"]
+    steps = own.warmup_steps + own.rounds * own.steps_per_round
+    rest += ["--num-workers", "0", "--train-iters", str(steps + 1), "--depth-log-interval", "0"]
 
     runs = {}
     for scheme in ("pre", "lns"):

@@ -33,14 +33,15 @@ def initialize(
     megatron-core's model parallelism, then seed every RNG like Megatron-LM does."""
     cpu_mode = cpu.enable()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # plain `python`: a world of one
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
+        backend = "gloo" if cpu_mode else "nccl"
+        timeout = timedelta(minutes=timeout_minutes)
         if not cpu_mode:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(
-            backend="gloo" if cpu_mode else "nccl", timeout=timedelta(minutes=timeout_minutes)
-        )
+        if "RANK" in os.environ:  # torchrun
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:  # plain `python`: a world of one, leaving the environment to child processes
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
+                                    rank=0, world_size=1, timeout=timeout)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,

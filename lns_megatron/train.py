@@ -8,6 +8,7 @@ parallel_state -> GPTModel (LNS spec) -> Float16Module (bf16) -> DDP -> distribu
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from functools import partial
@@ -66,7 +67,7 @@ def transformer_config(c: PretrainConfig):
         fp8_amax_compute_algo="max",
         # The fused kernels need CUDA (and apex/TE); the CPU mode runs the unfused paths.
         bias_activation_fusion=torch.cuda.is_available() and c.swiglu,
-        masked_softmax_fusion=torch.cuda.is_available(),
+        masked_softmax_fusion=importlib.util.find_spec("scaled_masked_softmax_cuda") is not None,  # apex kernel
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,

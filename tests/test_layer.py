@@ -102,7 +102,7 @@ def test_scales_live_on_the_norms_and_final_norm_is_plain(megatron_tp1):
     assert [l.layer_number for l in model.decoder.layers] == [1, 2, 3, 4]
     final = model.decoder.final_layernorm
     assert final.lns_scale == 1.0
-    x = torch.randn(3, 64)
+    x = torch.randn(3, 64, device=DEVICE)
     torch.testing.assert_close(final(x), F.rms_norm(x, (64,), final.weight, final.eps))
     # Constant, not state: nothing LNS-specific reaches the checkpoint.
     names = set(model.state_dict())
