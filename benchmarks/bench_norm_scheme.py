@@ -25,11 +25,11 @@ warnings.filterwarnings("ignore")
 import torch
 import torch.distributed as dist
 
-from lns_megatron import data, distributed
+from lns_megatron import data, diagnostics, distributed
 from lns_megatron.config import parse_args, validate
 from lns_megatron.layer import HAVE_TE
 from lns_megatron.metrics import flops_per_iteration
-from lns_megatron.train import build_model, build_optimizer, train_step
+from lns_megatron.train import build_model, build_optimizer, forward_step, train_step
 
 # H100 SXM dense BF16 peak (FP8 doubles it); used for MFU.
 PEAK_TFLOPS = {"bf16": 989.0, "fp8": 1979.0}
@@ -89,6 +89,19 @@ def main():
         for run in runs.values():
             run["times"].append(block(run, own.steps_per_round))
 
+    # The depth-health diagnostics the driver runs every --depth-log-interval iterations.
+    lns = runs["lns"]
+    batch = next(data.data_iterators(train_ds, lns["c"], 0, 1)[0])
+    diag_times = []
+    for _ in range(3):
+        sync()
+        start = time.perf_counter()
+        diagnostics.layer_grad_norms(lns["model"], lns["optimizer"], lns["c"].num_layers)
+        diagnostics.hidden_state_stats(lns["model"], batch, forward_step, lns["c"].num_layers, lns["c"].seq_length,
+                                       lns["c"].sequence_parallel)
+        sync()
+        diag_times.append(time.perf_counter() - start)
+
     c = runs["lns"]["c"]
     flops = flops_per_iteration(c, vocab)
     world = dist.get_world_size()
@@ -107,6 +120,9 @@ def main():
         ratios = [l / p for l, p in zip(runs["lns"]["times"], runs["pre"]["times"])]
         print(f"step-time ratio lns/pre: median {statistics.median(ratios):.4f} "
               f"(per round: {' '.join(f'{r:.3f}' for r in ratios)})")
+        diag, step = statistics.median(diag_times), statistics.median(lns["times"])
+        print(f"depth diagnostics: {diag * 1000:.1f} ms per call = {100 * diag / (100 * step):.3f}% of training "
+              f"time at the default --depth-log-interval 100")
         if torch.cuda.is_available():
             print(f"peak-memory ratio lns/pre: {runs['lns']['peak'] / runs['pre']['peak']:.4f}")
     distributed.destroy()

@@ -204,3 +204,16 @@ def test_scale_survives_meta_and_cpu_initialization(megatron_tp1, how):
     norm = model.decoder.layers[3].input_layernorm
     x = torch.randn(3, 64, device=norm.weight.device)
     torch.testing.assert_close(norm(x), 0.5 * F.rms_norm(x, (64,), norm.weight, norm.eps))
+
+
+def test_module_level_spec_works_as_megatron_lm_spec_argument(megatron_tp1):
+    """Megatron-LM's `--spec lns_megatron.specs lns_local_spec` does vars(import_module(M))[NAME]."""
+    import importlib
+
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    spec = vars(importlib.import_module("lns_megatron.specs"))["lns_local_spec"]
+    assert isinstance(spec, ModuleSpec) and spec.module is LNSTransformerLayer
+    model = GPTModel(tiny_config("lns"), spec, VOCAB, SEQ, position_embedding_type="rope")
+    assert [l.input_layernorm.lns_scale for l in model.decoder.layers] == [1 / math.sqrt(i) for i in range(1, 5)]

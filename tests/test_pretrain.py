@@ -189,3 +189,30 @@ def test_nan_loss_stops_without_checkpoint(tmp_path):
     # Iteration 1 was healthy and saved; nothing from the NaN state is.
     assert open(tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read() == "1"
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["iter_0000001", "latest_checkpointed_iteration.txt"]
+
+
+def test_kill_during_save_keeps_latest_checkpoint(learnable_data, tmp_path):
+    """SIGKILL while iteration 2 is being saved: the pointer still names iteration 1, which resumes."""
+    import signal
+    import time
+
+    ckpt = tmp_path / "ckpt"
+    args = [*COMMON, *learnable_data, "--hidden-size", "256", "--ffn-hidden-size", "1024", "--num-layers", "8",
+            "--train-iters", "3", "--log-interval", "1", "--save", ckpt, "--save-interval", "1"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "lns_megatron.pretrain", *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    partial = ckpt / "iter_0000002.tmp"
+    deadline = time.time() + 300
+    while not partial.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    assert partial.exists(), "the save of iteration 2 was not caught in progress"
+    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its checkpoint-writer processes
+    proc.wait()
+    assert open(ckpt / "latest_checkpointed_iteration.txt").read() == "1"
+    assert not (ckpt / "iter_0000002").exists()
+    _, out = run_driver(*args, "--load", ckpt)  # resumes from 1, finishes, and replaces the debris
+    assert sorted(logged_losses(out)) == [2, 3]
+    assert open(ckpt / "latest_checkpointed_iteration.txt").read() == "3"
+    assert sorted(os.listdir(ckpt)) == ["iter_0000001", "iter_0000002", "iter_0000003",
+                                        "latest_checkpointed_iteration.txt"]
