@@ -148,7 +148,7 @@ def _init_worker(tokenizer_args):
 
 @dataclass
 class ChunkResult:
-    docs: dict  # key -> list of token lists (non-empty only)
+    docs: dict  # key -> (all tokens as one int32 array, per-document lengths); cheap to pickle
     bytes: int = 0
     empty: int = 0
     invalid: List[str] = field(default_factory=list)
@@ -174,7 +174,7 @@ def _texts(location, raw, keys):
 
 
 def process_chunk(chunk, keys, append_eod) -> ChunkResult:
-    result = ChunkResult(docs={k: [] for k in keys})
+    result = ChunkResult(docs={})
     parsed = []
     for location, raw in chunk:
         texts = _texts(location, raw, keys)
@@ -184,11 +184,12 @@ def process_chunk(chunk, keys, append_eod) -> ChunkResult:
             parsed.append(texts)
             result.bytes += sum(len(t.encode("utf-8")) for t in texts)
     for i, key in enumerate(keys):
-        for ids in _tokenizer.tokenize_batch([texts[i] for texts in parsed]):
-            if not ids:
-                result.empty += 1
-                continue
-            result.docs[key].append(ids + [_tokenizer.eod] if append_eod else ids)
+        docs = [ids for ids in _tokenizer.tokenize_batch([texts[i] for texts in parsed]) if ids]
+        result.empty += len(parsed) - len(docs)
+        if append_eod:
+            docs = [ids + [_tokenizer.eod] for ids in docs]
+        flat = np.fromiter((t for ids in docs for t in ids), dtype=np.int32)
+        result.docs[key] = (flat, np.array([len(ids) for ids in docs], dtype=np.int64))
     return result
 
 
@@ -264,14 +265,15 @@ def run(args) -> Summary:
                 summary.first_invalid.extend(result.invalid[: 5 - len(summary.first_invalid)])
                 if not args.skip_invalid:
                     raise PreprocessError(f"{result.invalid[0]} (pass --skip-invalid to skip such lines)")
-            for key, docs in result.docs.items():
-                for ids in docs:
-                    builders[key].add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
-                    summary.tokens += len(ids)
-                summary.documents += len(docs)
+            for key, (flat, lengths) in result.docs.items():
+                tokens = torch.from_numpy(flat)
+                for begin, end in zip(np.cumsum(lengths) - lengths, np.cumsum(lengths)):
+                    builders[key].add_document(tokens[begin:end], [int(end - begin)])
+                summary.tokens += len(flat)
+                summary.documents += len(lengths)
             summary.empty += result.empty
             summary.bytes += result.bytes
-            bar.update(sum(len(d) for d in result.docs.values()))
+            bar.update(sum(len(lengths) for _, lengths in result.docs.values()))
             elapsed = max(time.perf_counter() - start, 1e-9)
             bar.set_postfix_str(f"{summary.bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
 
