@@ -201,6 +201,7 @@ def pretrain(c: PretrainConfig) -> dict:
     iteration, consumed = 0, 0
     if c.load is not None:
         iteration, consumed = checkpoint.load_checkpoint(c.load, model, optimizer, scheduler)
+    start_iteration = iteration
     train_ds, valid_ds, _ = data.build_datasets(c, tokenizer)
     train_iters = data.data_iterators(train_ds, c, consumed, len(model))
     valid_iters = data.data_iterators(valid_ds, c, 0, len(model)) if c.eval_iters > 0 else None
@@ -244,7 +245,8 @@ def pretrain(c: PretrainConfig) -> dict:
                 checkpoint.save_checkpoint(c.save, iteration, consumed, model, optimizer, scheduler, config_json)
             if c.exit_interval and iteration >= c.exit_interval:
                 break
-        if c.save and not (c.save_interval and iteration % c.save_interval == 0):
+        trained = iteration > start_iteration
+        if c.save and trained and not (c.save_interval and iteration % c.save_interval == 0):
             checkpoint.save_checkpoint(c.save, iteration, consumed, model, optimizer, scheduler, config_json)
     finally:
         logger.close()
