@@ -213,6 +213,9 @@ def pretrain(c: PretrainConfig) -> dict:
               f"PP={c.pipeline_model_parallel_size} VPP={c.virtual_pipeline_model_parallel_size} DP={c.data_parallel_size} | "
               f"{c.num_microbatches} micro-batches of {c.micro_batch_size} | vocab {tokenizer.vocab_size} (padded {vocab})",
               flush=True)
+    if logger.is_writer and iteration >= c.train_iters:
+        print(f"lns-pretrain: the checkpoint is at iteration {iteration}, --train-iters is {c.train_iters}: "
+              "nothing to train (raise --train-iters to continue)", flush=True)
     losses = {}
     config_json = c.to_json()
     try:
