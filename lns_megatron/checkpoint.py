@@ -12,7 +12,7 @@ import json
 import os
 import random
 import shutil
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import numpy as np
 import torch

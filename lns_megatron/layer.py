@@ -16,8 +16,6 @@ and checkpoints are identical to Pre-LN ones.
 from __future__ import annotations
 
 import math
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.identity_op import IdentityOp

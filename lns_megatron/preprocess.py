@@ -8,7 +8,6 @@ input grows), and outputs written under temporary names and renamed only on succ
 from __future__ import annotations
 
 import argparse
-import bz2
 import glob
 import gzip
 import io
@@ -19,7 +18,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Tuple
 
 import numpy as np
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 from functools import partial
 from typing import List
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -24,7 +24,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from lns_megatron import checkpoint, data, diagnostics, distributed
-from lns_megatron.config import ConfigError, PretrainConfig, validate
+from lns_megatron.config import PretrainConfig, validate
 from lns_megatron.layer import HAVE_TE
 from lns_megatron.metrics import MetricsLogger
 from lns_megatron.model import build_gpt_model, lns_transformer_config
@@ -35,8 +35,6 @@ class NonFiniteLossError(RuntimeError):
 
 
 def transformer_config(c: PretrainConfig):
-    import torch.nn.functional as F
-
     return lns_transformer_config(
         c.norm_scheme,
         depth_scaled_output_init=c.depth_scaled_output_init or None,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-from dist_launch import ROOT, torchrun
+from dist_launch import ROOT
 from lns_megatron.distributed import free_port
 
 VOCAB = 64

@@ -14,7 +14,6 @@ import math
 import os
 import sys
 import warnings
-from functools import partial
 
 warnings.filterwarnings("ignore")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
