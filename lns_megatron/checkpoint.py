@@ -17,6 +17,8 @@ from typing import List, Tuple
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException  # a BaseException
+
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
@@ -145,8 +147,12 @@ def load_checkpoint(root: str, model: List, optimizer=None, scheduler=None, load
         sharded.pop("rng_state")
     try:
         state = dist_checkpointing.load(sharded, directory)
-    except Exception as e:  # a missing shard, a torn file, a different model shape
-        raise CheckpointError(f"checkpoint {directory}: cannot be loaded into this model: {e}") from e
+    except (Exception, TorchCheckpointException) as e:  # a missing shard, a torn file, another model shape
+        lines = str(e).strip().splitlines()  # torch's CheckpointException carries a whole traceback
+        reason = lines[-1] if lines else type(e).__name__
+        raise CheckpointError(f"checkpoint {directory}: cannot be loaded into this model ({reason}): its files are "
+                              "torn or corrupt, or it holds another model shape; pass an earlier iter_* directory "
+                              "or the flags it was trained with") from e
     for i, chunk in enumerate(model):
         unwrap(chunk).load_state_dict(state[f"model{i}"])
     if optimizer is not None:

@@ -23,6 +23,22 @@ from lns_megatron.checkpoint import unwrap
 STATS = ("sum", "sumsq", "count", "angle", "tokens")
 
 
+def angular_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """arccos(cos(x, y)) / pi along the last dimension, in [0, 1] (Gromov et al.; the LNS paper)."""
+    cos = torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1).clamp(-1.0, 1.0)
+    return torch.arccos(cos) / math.pi
+
+
+def layer_input(args, kwargs) -> torch.Tensor:
+    """The hidden states a TransformerLayer was called with (keyword or positional)."""
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def layer_output(output) -> torch.Tensor:
+    """The hidden states a TransformerLayer returned (it returns ``(hidden, context)``)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 def _layers(model: List):
     for chunk in model:
         yield from unwrap(chunk).decoder.layers
@@ -35,12 +51,11 @@ def hidden_state_stats(model: List, batch: dict, forward_step, num_layers: int, 
     acc = torch.zeros(len(STATS), num_layers, dtype=torch.float64, device=_device(model))
 
     def hook(layer, args, kwargs, output):
-        x = (kwargs.get("hidden_states") if "hidden_states" in kwargs else args[0]).double()
-        y = (output[0] if isinstance(output, tuple) else output).double()
-        cos = torch.nn.functional.cosine_similarity(x, y, dim=-1).clamp(-1.0, 1.0)
-        i = layer.layer_number - 1
-        acc[:, i] += torch.stack([y.sum(), y.square().sum(), torch.tensor(float(y.numel()), device=y.device),
-                                  (torch.arccos(cos) / math.pi).sum(), torch.tensor(float(cos.numel()), device=y.device)])
+        x, y = layer_input(args, kwargs).double(), layer_output(output).double()
+        angle = angular_distance(x, y)
+        acc[:, layer.layer_number - 1] += torch.stack([
+            y.sum(), y.square().sum(), torch.tensor(float(y.numel()), device=y.device),
+            angle.sum(), torch.tensor(float(angle.numel()), device=y.device)])
 
     handles = [l.register_forward_hook(hook, with_kwargs=True) for l in _layers(model)]
     try:
@@ -103,3 +118,36 @@ def _distributed_optimizer_ranges(optimizer):
 
 def _device(model):
     return next(unwrap(model[0]).parameters()).device
+
+
+# Offline analysis of one unwrapped GPTModel (lns_megatron.depth_report builds on these).
+
+
+class recorded_hidden_states:
+    """Context manager: the residual stream of an unwrapped single-stage GPTModel during forwards.
+
+    ``states`` becomes ``[h_0, h_1, ..., h_L]``: ``h_0`` is the input of the first layer (the
+    embeddings), ``h_l`` the output of layer ``l``; each ``[s, b, hidden]``, detached, from the
+    last forward only.
+    """
+
+    def __init__(self, gpt_model):
+        self.layers = list(gpt_model.decoder.layers)
+        self.states: List[torch.Tensor] = []
+        self._handles = []
+
+    def _first_input(self, layer, args, kwargs):
+        self.states = [layer_input(args, kwargs).detach()]
+
+    def _output(self, layer, args, kwargs, output):
+        self.states.append(layer_output(output).detach())
+
+    def __enter__(self):
+        self._handles.append(self.layers[0].register_forward_pre_hook(self._first_input, with_kwargs=True))
+        self._handles += [l.register_forward_hook(self._output, with_kwargs=True) for l in self.layers]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles = []

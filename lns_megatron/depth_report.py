@@ -1,0 +1,498 @@
+"""Depth report: does each layer of a trained checkpoint still do work? (The curse of depth.)
+
+On held-out tokens, for a checkpoint of any TP/PP layout (resharded by dist_checkpointing into
+one TP=PP=1 model in this process), it measures per layer ``l`` (1-based; ``h_0`` is the
+embedding output, ``h_l`` the output of layer ``l``, before the final norm):
+
+- the residual stream's variance and mean L2 norm (Pre-LN: grows with depth; LNS: held down);
+- the angular distance ``d(l, l+n) = arccos(cos(h_l, h_{l+n})) / pi`` for every start ``l`` and
+  offset ``n``, on the last token and averaged over all tokens (Gromov et al. 2024);
+- the loss and perplexity with layer ``l`` skipped (``h_l = h_{l-1}``, nothing fine-tuned);
+- the relative contribution ``||h_l - h_{l-1}|| / ||h_{l-1}||``;
+- the logit lens ``KL(p_l || p_L)``, with ``p_l = softmax(output_layer(final_norm(h_l)))``.
+
+Losses and logit-lens distributions use the model's full (padded) output vocabulary, as the
+training loss does. Outputs: ``report.json`` (every number), PNG plots, ``summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import List
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lns_megatron.checkpoint import CheckpointError
+from lns_megatron.diagnostics import angular_distance, layer_input, recorded_hidden_states
+from lns_megatron.export import ExportError, LoadedModel, load_model
+
+REPORT_FILE = "report.json"
+PLOTS = ("variance.png", "angular_distance.png", "layer_removal.png", "contribution.png")
+
+
+class ReportError(ExportError):
+    """Bad input for the report: the message names the input and the fix."""
+
+
+@dataclass
+class DepthReport:
+    label: str
+    checkpoint: str
+    iteration: int
+    norm_scheme: str
+    num_layers: int
+    num_samples: int
+    num_tokens: int  # predicted tokens the losses average over
+    seq_length: int
+    loss: float  # mean cross entropy (nats) of the whole model
+    perplexity: float
+    # Per layer l = 1..L (index l-1):
+    variance: List[float]  # variance of h_l over all elements
+    hidden_norm: List[float]  # mean over tokens of ||h_l||
+    relative_contribution: List[float]  # mean over tokens of ||h_l - h_{l-1}|| / ||h_{l-1}||
+    logit_lens_kl: List[float]  # mean over tokens of KL(p_l || p_L), nats
+    removal_loss: List[float]  # loss with layer l skipped
+    removal_delta_loss: List[float]  # removal_loss - loss
+    removal_perplexity: List[float]
+    removal_delta_perplexity: List[float]
+    # angular_distance_*[l][n-1] = d(l, l+n): l = 0..L-1 (h_0 = embeddings), n = 1..L-l
+    angular_distance_all_tokens: List[List[float]]
+    angular_distance_last_token: List[List[float]]
+    threshold: float
+    effective_depth: int  # layers whose removal changes the loss by more than `threshold`
+    embedding_norm: float = 0.0  # mean ||h_0||
+    data: str = ""
+    layout: str = field(default="per-layer lists: index i is layer i+1 (1-based, global); angular_distance[l][n-1] "
+                        "= arccos(cos(h_l, h_{l+n}))/pi, h_0 = embedding output, h_l = output of layer l")
+
+
+@contextmanager
+def skipped_layer(gpt_model, index: int):
+    """Run the block without ``decoder.layers[index]``: that layer returns its input unchanged.
+
+    Exact (the layer is not computed at all) and restored on exit, also on errors.
+    """
+    layer = gpt_model.decoder.layers[index]
+
+    def identity(*args, **kwargs):
+        return layer_input(args, kwargs), kwargs.get("context")
+
+    layer.forward = identity  # an instance attribute shadows the class's forward
+    try:
+        yield
+    finally:
+        del layer.forward
+
+
+def lens_logits(gpt_model, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits [b, s, vocab] of a residual-stream state [s, b, h]: final norm, then output layer."""
+    weight = gpt_model.shared_embedding_or_output_weight() if gpt_model.share_embeddings_and_output_weights else None
+    logits, _ = gpt_model.output_layer(gpt_model.decoder.final_layernorm(hidden), weight=weight)
+    return logits.transpose(0, 1)
+
+
+def forward_logits(gpt_model, tokens: torch.Tensor) -> torch.Tensor:
+    """The model's logits [b, s, padded vocab] (causal mask, positions 0..s-1)."""
+    positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+    return gpt_model(tokens, positions, None)
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def _windows(stream: List[int], seq_length: int, num_samples: int, source: str) -> torch.Tensor:
+    """``num_samples`` non-overlapping windows of ``seq_length + 1`` tokens (inputs + next token)."""
+    width = seq_length + 1
+    available = len(stream) // width
+    if available == 0:
+        raise ReportError(f"{source}: {len(stream)} tokens, fewer than one sample of {width} "
+                          f"(--seq-length {seq_length} + 1); give more text or a shorter --seq-length")
+    n = min(num_samples, available)
+    if n < num_samples:
+        print(f"depth-report: {source} holds only {n} samples of {width} tokens (asked for {num_samples})", flush=True)
+    return torch.tensor(np.asarray(stream[: n * width], dtype=np.int64).reshape(n, width))
+
+
+def _jsonl_windows(path, json_key, tokenizer, seq_length, num_samples):
+    if not os.path.isfile(path):
+        raise ReportError(f"--input {path}: no such file; give a JSON-lines file with a {json_key!r} field per line")
+    stream: List[int] = []
+    need = num_samples * (seq_length + 1)
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)[json_key]
+            except (ValueError, KeyError, TypeError):
+                raise ReportError(f"--input {path}:{number}: not a JSON object with a {json_key!r} field; fix the "
+                                  "line or choose the field with --json-key") from None
+            try:
+                stream += tokenizer.tokenize(text) + [tokenizer.eod]
+            except ValueError as e:  # e.g. NullTokenizer text that is not integer ids
+                raise ReportError(f"--input {path}:{number}: the {tokenizer.kind} cannot tokenize it ({e})") from None
+            if len(stream) >= need:
+                break
+    return _windows(stream, seq_length, num_samples, f"--input {path}")
+
+
+def _indexed_windows(prefix, split, seq_length, num_samples, vocab_limit):
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    for suffix in (".bin", ".idx"):
+        if not os.path.isfile(prefix + suffix):
+            raise ReportError(f"--data-path {prefix}: {prefix + suffix} not found; give the prefix that "
+                              "tools/preprocess_data.py wrote (e.g. data/corpus_text_document)")
+    dataset = IndexedDataset(prefix, mmap=True)
+    first, last = 0, len(dataset)
+    if split is not None:  # the validation part of the split: the documents training did not see
+        bounds = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))[1]
+        if bounds is None:
+            raise ReportError(f"--split {split}: the validation split is empty; give it a weight, e.g. --split 0,1,0 "
+                              "to use every document")
+        first, last = (int(round(b * len(dataset))) for b in bounds)
+    stream: List[int] = []
+    need = num_samples * (seq_length + 1)
+    for i in range(first, last):
+        stream += dataset[i].astype(np.int64).tolist()
+        if len(stream) >= need:
+            break
+    del dataset
+    windows = _windows(stream, seq_length, num_samples, f"--data-path {prefix} (documents {first}..{last})")
+    if int(windows.max()) >= vocab_limit:
+        raise ReportError(f"--data-path {prefix}: token id {int(windows.max())} is outside the model's vocabulary "
+                          f"({vocab_limit}); the data was prepared with another tokenizer")
+    return windows
+
+
+def _mock_windows(c, tokenizer, seq_length, num_samples, seed):
+    """Held-out samples of megatron's MockGPTDataset (what a --mock-data run trained on)."""
+    from lns_megatron import data
+
+    mock = dataclasses.replace(c, mock_data=True, data_path=None, seq_length=seq_length, train_iters=1,
+                               eval_interval=1, eval_iters=1, global_batch_size=num_samples, seed=seed,
+                               split="0,1,0", data_cache_path=None)
+    valid = data.build_datasets(mock, tokenizer)[1]
+    samples = [valid[i] for i in range(num_samples)]
+    return torch.stack([torch.cat([torch.as_tensor(s["tokens"]), torch.as_tensor(s["labels"])[-1:]])
+                        for s in samples]).long()
+
+
+def held_out_windows(loaded: LoadedModel, args) -> (torch.Tensor, str):
+    """[num_samples, seq_length + 1] token windows and a description of where they came from."""
+    c = loaded.config
+    seq = args.seq_length or c.seq_length
+    if seq > c.max_position_embeddings:
+        raise ReportError(f"--seq-length {seq} exceeds the model's --max-position-embeddings "
+                          f"{c.max_position_embeddings}; give a shorter --seq-length")
+    if args.input:
+        return (_jsonl_windows(args.input, args.json_key, loaded.tokenizer, seq, args.num_samples),
+                f"--input {args.input} ({loaded.tokenizer.kind})")
+    if args.data_path:
+        split = args.split
+        if split is None and c.data_path and args.data_path in c.data_path:
+            split = c.split  # the run's own data: use its validation split only
+        where = f"--data-path {args.data_path}" + (f" (validation part of split {split})" if split else "")
+        return _indexed_windows(args.data_path, split, seq, args.num_samples, loaded.model.vocab_size), where
+    if args.mock_data or c.mock_data:
+        return (_mock_windows(c, loaded.tokenizer, seq, args.num_samples, args.seed),
+                f"megatron MockGPTDataset (seed {args.seed})")
+    if c.data_path:
+        prefix = c.data_path[-1]
+        return (_indexed_windows(prefix, c.split, seq, args.num_samples, loaded.model.vocab_size),
+                f"--data-path {prefix} (validation part of split {c.split}, from the run's config)")
+    raise ReportError("no held-out data: give --input FILE.jsonl, --data-path PREFIX or --mock-data")
+
+
+# ------------------------------------------------------------------------------------- analysis
+
+
+@torch.no_grad()
+def analyze(loaded: LoadedModel, windows: torch.Tensor, *, label: str, micro_batch_size: int = 4,
+            threshold: float = 0.01, data: str = "") -> DepthReport:
+    model = loaded.model
+    device = next(model.parameters()).device
+    L = len(model.decoder.layers)
+    f64 = dict(dtype=torch.float64, device="cpu")
+    total, sumsq, count = torch.zeros(L, **f64), torch.zeros(L, **f64), 0
+    norm, contribution, kl = torch.zeros(L, **f64), torch.zeros(L, **f64), torch.zeros(L, **f64)
+    ang_all, ang_last = torch.zeros(L + 1, L + 1, **f64), torch.zeros(L + 1, L + 1, **f64)
+    loss_sum, removal_sum = 0.0, torch.zeros(L, **f64)
+    embedding_norm, tokens_seen, samples_seen = 0.0, 0, 0
+
+    def nll(logits, labels):
+        return F.cross_entropy(logits.double().flatten(0, 1), labels.flatten(), reduction="sum").item()
+
+    for start in range(0, len(windows), micro_batch_size):
+        batch = windows[start:start + micro_batch_size].to(device)
+        tokens, labels = batch[:, :-1], batch[:, 1:]
+        with recorded_hidden_states(model) as rec:
+            logits = forward_logits(model, tokens)
+        states = [h.double().cpu() for h in rec.states]  # L+1 of [s, b, h]
+        assert len(states) == L + 1, f"recorded {len(states)} hidden states for {L} layers"
+        loss_sum += nll(logits, labels)
+        final_logp = F.log_softmax(logits.double(), dim=-1)
+        n_tok = tokens.numel()
+        embedding_norm += states[0].norm(dim=-1).sum().item()
+        for l in range(1, L + 1):
+            h, prev = states[l], states[l - 1]
+            total[l - 1] += h.sum()
+            sumsq[l - 1] += h.square().sum()
+            token_norm = h.norm(dim=-1)
+            norm[l - 1] += token_norm.sum()
+            contribution[l - 1] += ((h - prev).norm(dim=-1) / prev.norm(dim=-1).clamp(min=1e-30)).sum()
+            logp = F.log_softmax(lens_logits(model, rec.states[l]).double(), dim=-1)
+            kl[l - 1] += (logp.exp() * (logp - final_logp)).sum().item()
+        count += states[1].numel()
+        for l in range(L):
+            for m in range(l + 1, L + 1):
+                d = angular_distance(states[l], states[m])  # [s, b]
+                ang_all[l, m] += d.sum()
+                ang_last[l, m] += d[-1].sum()
+        for k in range(L):
+            with skipped_layer(model, k):
+                removal_sum[k] += nll(forward_logits(model, tokens), labels)
+        tokens_seen += n_tok
+        samples_seen += tokens.shape[0]
+
+    loss = loss_sum / tokens_seen
+    removal = (removal_sum / tokens_seen).tolist()
+    mean = total / count
+    delta = [r - loss for r in removal]
+    ang_all /= tokens_seen
+    ang_last /= samples_seen
+    return DepthReport(
+        label=label, checkpoint=loaded.directory, iteration=loaded.iteration, norm_scheme=loaded.config.norm_scheme,
+        num_layers=L, num_samples=samples_seen, num_tokens=tokens_seen, seq_length=windows.shape[1] - 1,
+        loss=loss, perplexity=math.exp(loss),
+        variance=(sumsq / count - mean.square()).tolist(),
+        hidden_norm=(norm / tokens_seen).tolist(),
+        relative_contribution=(contribution / tokens_seen).tolist(),
+        logit_lens_kl=(kl / tokens_seen).tolist(),
+        removal_loss=removal, removal_delta_loss=delta,
+        removal_perplexity=[math.exp(r) for r in removal],
+        removal_delta_perplexity=[math.exp(r) - math.exp(loss) for r in removal],
+        angular_distance_all_tokens=[ang_all[l, l + 1:].tolist() for l in range(L)],
+        angular_distance_last_token=[ang_last[l, l + 1:].tolist() for l in range(L)],
+        threshold=threshold, effective_depth=sum(abs(d) > threshold for d in delta),
+        embedding_norm=embedding_norm / tokens_seen, data=data,
+    )
+
+
+# ---------------------------------------------------------------------------------------- output
+
+
+def _matrix(rows: List[List[float]]) -> np.ndarray:
+    """Ragged d(l, l+n) rows -> an [L, L] array indexed [l, n-1], NaN where l + n > L."""
+    out = np.full((len(rows), len(rows)), np.nan)
+    for l, row in enumerate(rows):
+        out[l, : len(row)] = row
+    return out
+
+
+def plot(reports: List[DepthReport], directory: str) -> List[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = ["tab:red", "tab:blue", "tab:green", "tab:orange"]
+    layers = [np.arange(1, r.num_layers + 1) for r in reports]
+    written = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(os.path.join(directory, name), dpi=90)
+        plt.close(fig)
+        written.append(name)
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for r, x, color in zip(reports, layers, colors):
+        axes[0].plot(x, r.variance, "o-", color=color, label=r.label)
+        axes[1].plot(x, r.hidden_norm, "o-", color=color, label=r.label)
+    axes[0].set(title="Residual-stream output variance", xlabel="layer", ylabel="Var(h_l)", yscale="log")
+    axes[1].set(title="Hidden-state norm", xlabel="layer", ylabel="mean ||h_l||", yscale="log")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    save(fig, "variance.png")
+
+    fig, axes = plt.subplots(2, len(reports), figsize=(4.2 * len(reports), 6.4), squeeze=False)
+    for j, r in enumerate(reports):
+        for i, (kind, rows) in enumerate((("all tokens", r.angular_distance_all_tokens),
+                                          ("last token", r.angular_distance_last_token))):
+            ax = axes[i, j]
+            m = _matrix(rows)
+            image = ax.imshow(m, origin="lower", cmap="viridis", vmin=0.0, vmax=max(0.5, float(np.nanmax(m))),
+                              extent=(0.5, r.num_layers + 0.5, -0.5, r.num_layers - 0.5), aspect="auto")
+            ax.set(title=f"{r.label}: d(l, l+n), {kind}", xlabel="offset n (layers)", ylabel="start l (0 = embeddings)")
+            fig.colorbar(image, ax=ax, fraction=0.046)
+    save(fig, "angular_distance.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    width = 0.8 / len(reports)
+    for k, (r, x, color) in enumerate(zip(reports, layers, colors)):
+        offset = (k - (len(reports) - 1) / 2) * width
+        axes[0].bar(x + offset, r.removal_delta_loss, width, color=color, label=f"{r.label} (loss {r.loss:.3f})")
+        axes[1].bar(x + offset, r.removal_delta_perplexity, width, color=color, label=r.label)
+    axes[0].axhline(reports[0].threshold, color="gray", linestyle="--", linewidth=1, label="effective-depth threshold")
+    axes[0].set(title="Layer removal: loss increase", xlabel="removed layer", ylabel="Δ loss (nats)")
+    axes[1].set(title="Layer removal: perplexity increase", xlabel="removed layer", ylabel="Δ perplexity")
+    for ax in axes:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    save(fig, "layer_removal.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for r, x, color in zip(reports, layers, colors):
+        axes[0].plot(x, r.relative_contribution, "o-", color=color, label=r.label)
+        axes[1].plot(x, r.logit_lens_kl, "o-", color=color, label=r.label)
+    axes[0].set(title="Relative contribution", xlabel="layer", ylabel="||h_l - h_{l-1}|| / ||h_{l-1}||")
+    axes[1].set(title="Logit lens", xlabel="layer", ylabel="KL(p_l || p_L) (nats)")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    save(fig, "contribution.png")
+    return written
+
+
+def summary_markdown(reports: List[DepthReport]) -> str:
+    def deep_half(values):
+        return float(np.mean(values[len(values) // 2:]))
+
+    rows = [
+        ("checkpoint", lambda r: f"`{r.checkpoint}` (iteration {r.iteration})"),
+        ("norm scheme", lambda r: r.norm_scheme),
+        ("layers", lambda r: str(r.num_layers)),
+        ("held-out tokens", lambda r: f"{r.num_tokens} ({r.num_samples} x {r.seq_length})"),
+        ("loss / perplexity", lambda r: f"{r.loss:.4f} / {r.perplexity:.2f}"),
+        ("**effective depth**", lambda r: f"**{r.effective_depth} of {r.num_layers}** (|Δloss| > {r.threshold:g})"),
+        ("Δloss on removal, mean over the deeper half", lambda r: f"{deep_half(r.removal_delta_loss):.4f}"),
+        ("most important layer (Δloss)", lambda r: "{} ({:.4f})".format(
+            int(np.argmax(r.removal_delta_loss)) + 1, max(r.removal_delta_loss))),
+        ("least important layer (Δloss)", lambda r: "{} ({:.4f})".format(
+            int(np.argmin(r.removal_delta_loss)) + 1, min(r.removal_delta_loss))),
+        ("output variance, layer 1 -> L", lambda r: f"{r.variance[0]:.3g} -> {r.variance[-1]:.3g}"),
+        ("d(l, l+1) all tokens, mean over the deeper half",
+         lambda r: f"{deep_half([row[0] for row in r.angular_distance_all_tokens]):.4f}"),
+        ("relative contribution, mean over the deeper half", lambda r: f"{deep_half(r.relative_contribution):.4f}"),
+        ("logit-lens KL at layer L/2", lambda r: f"{r.logit_lens_kl[max(r.num_layers // 2 - 1, 0)]:.4f}"),
+    ]
+    lines = ["# Depth report", "", f"Held-out data: {reports[0].data}", "",
+             "| | " + " | ".join(r.label for r in reports) + " |", "|---" * (len(reports) + 1) + "|"]
+    lines += ["| " + name + " | " + " | ".join(get(r) for r in reports) + " |" for name, get in rows]
+    lines += ["", "Effective depth: the number of layers whose removal (skipping the layer, nothing fine-tuned) "
+              "changes the held-out loss by more than the threshold. Deep layers that are near-identity maps (the "
+              "curse of depth) have small Δloss, small d(l, l+1) and small relative contribution.", "",
+              "Plots: " + ", ".join(f"![{p}]({p})" for p in PLOTS), ""]
+    return "\n".join(lines)
+
+
+def write_outputs(reports: List[DepthReport], output: str, args_dict: dict) -> str:
+    """report.json, the plots and summary.md, written to a temp dir and renamed into place."""
+    output = os.path.abspath(output)
+    if os.path.exists(output) and os.listdir(output) and not os.path.isfile(os.path.join(output, REPORT_FILE)):
+        raise ReportError(f"--output {output} exists and is not an earlier depth report; choose another directory")
+    parent = os.path.dirname(output)
+    os.makedirs(parent, exist_ok=True)
+    partial = tempfile.mkdtemp(prefix=os.path.basename(output) + ".tmp-", dir=parent)
+    try:
+        plot(reports, partial)
+        with open(os.path.join(partial, "summary.md"), "w") as f:
+            f.write(summary_markdown(reports))
+        with open(os.path.join(partial, REPORT_FILE), "w") as f:  # allow_nan=False: every number is finite
+            json.dump({"arguments": args_dict, "runs": [dataclasses.asdict(r) for r in reports]}, f, indent=1,
+                      allow_nan=False)
+        os.chmod(partial, 0o755)
+        if os.path.exists(output):
+            shutil.rmtree(output)
+        os.rename(partial, output)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return output
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="depth_report", description="Per-layer depth diagnostics of lns_megatron "
+                                "checkpoints: variance, angular distance, layer removal, contribution, logit lens")
+    p.add_argument("--load", required=True, help="checkpoint directory (a run's --save, or one iter_* dir)")
+    p.add_argument("--compare", help="a second checkpoint, reported side by side")
+    p.add_argument("--label", help="name of --load in plots (default: its norm scheme)")
+    p.add_argument("--compare-label", help="name of --compare in plots (default: its norm scheme)")
+    data = p.add_argument_group("held-out data (default: what the run trained on, its validation split)")
+    data.add_argument("--input", help="JSON-lines file of documents")
+    data.add_argument("--json-key", default="text", help="field of --input holding the text")
+    data.add_argument("--data-path", help="indexed dataset prefix from tools/preprocess_data.py")
+    data.add_argument("--split", help="use the validation part of this train,valid,test split of --data-path "
+                      "(default: the run's split if it trained on this prefix, else every document)")
+    data.add_argument("--mock-data", action="store_true", help="megatron's MockGPTDataset tokens")
+    data.add_argument("--tokenizer-type", help="override the run's tokenizer type")
+    data.add_argument("--tokenizer-model", help="tokenizer file or directory (default: the run's)")
+    p.add_argument("--num-samples", type=int, default=16, help="held-out sequences")
+    p.add_argument("--seq-length", type=int, help="tokens per sequence (default: the run's --seq-length)")
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--threshold", type=float, default=0.01,
+                   help="|Δloss| (nats) above which a removed layer counts toward the effective depth")
+    p.add_argument("--seed", type=int, default=4321, help="seed of --mock-data samples")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--output", default="depth_report", help="directory for report.json, the PNGs and summary.md")
+    return p
+
+
+def run(args) -> List[DepthReport]:
+    if sum(bool(x) for x in (args.input, args.data_path, args.mock_data)) > 1:
+        raise ReportError("give one of --input, --data-path and --mock-data")
+    if args.num_samples < 1 or args.micro_batch_size < 1:
+        raise ReportError("--num-samples and --micro-batch-size must be positive")
+    reports = []
+    for root, label in ((args.load, args.label), (args.compare, args.compare_label)):
+        if root is None:
+            continue
+        loaded = load_model(root, args.tokenizer_model, args.tokenizer_type, args.device)
+        windows, where = held_out_windows(loaded, args)
+        label = label or loaded.config.norm_scheme
+        if any(r.label == label for r in reports):
+            label = f"{label} ({os.path.basename(os.path.normpath(root))})"
+        reports.append(analyze(loaded, windows, label=label, micro_batch_size=args.micro_batch_size,
+                               threshold=args.threshold, data=where))
+        del loaded
+    return reports
+
+
+def main(argv=None) -> int:
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+    args = build_parser().parse_args(argv)
+    from lns_megatron import distributed
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print("depth_report: error: run it as one process, not under torchrun; checkpoints of any TP/PP are "
+              "resharded to one device on load", file=sys.stderr)
+        return 2
+    try:
+        reports = run(args)
+        path = write_outputs(reports, args.output, vars(args))
+    except (ExportError, CheckpointError) as e:
+        print(f"depth_report: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        distributed.destroy()
+    print(summary_markdown(reports))
+    print(f"depth_report: wrote {path}/{{{REPORT_FILE}, summary.md, {', '.join(PLOTS)}}}", flush=True)
+    return 0

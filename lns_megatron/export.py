@@ -1,0 +1,373 @@
+"""Export a checkpoint to a Hugging Face ``LlamaForCausalLM`` directory.
+
+LayerNorm Scaling multiplies the outputs of layer ``l``'s pre-attention and pre-MLP RMSNorms by
+the constant ``1/sqrt(l)``. RMSNorm's output is ``x / rms(x) * gamma``, so the multiplier folds
+exactly into the weight: ``gamma' = gamma / sqrt(l)``. The exported model is a plain Llama
+(no custom code, zero inference cost); the final norm is not scaled.
+
+The checkpoint (torch_dist, any TP/PP it was saved with) is loaded into one TP=PP=1 model in
+this process; dist_checkpointing reshards on load, so TP-split attention/MLP weights and the
+PP-split layers arrive whole and numbered globally (``decoder.layers.{i}`` is layer ``i + 1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from lns_megatron.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, saved_config
+from lns_megatron.config import ConfigError, PretrainConfig
+from lns_megatron.layer import layernorm_scale
+
+MAX_SHARD_BYTES = 5 * 1024**3  # Hugging Face's default shard size
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ExportError(ValueError):
+    """Bad input for an export or a report: the message names the input and the fix."""
+
+
+@dataclass
+class LoadedModel:
+    """An unwrapped TP=PP=1 ``GPTModel`` in eval mode, loaded from a checkpoint."""
+
+    model: torch.nn.Module
+    config: PretrainConfig  # as saved, except tokenizer_model when overridden
+    directory: str  # the iter_* directory that was loaded
+    iteration: int
+    tokenizer: object  # lns_megatron.tokenizer.Tokenizer
+    vocab_size: int  # the tokenizer's true vocabulary (the model's rows beyond it are padding)
+
+
+def _ensure_single_process_parallel_state(seed: int) -> None:
+    from megatron.core import parallel_state
+
+    from lns_megatron import distributed
+
+    if parallel_state.model_parallel_is_initialized():
+        layout = (parallel_state.get_tensor_model_parallel_world_size(),
+                  parallel_state.get_pipeline_model_parallel_world_size())
+        if layout != (1, 1):
+            raise ExportError(f"model parallelism is already initialized with TP, PP = {layout}; loading for export "
+                              "or a report needs TP=PP=1 (run it as a separate single process)")
+        return
+    distributed.initialize(1, 1, seed=seed)
+
+
+def load_model(root: str, tokenizer_model: Optional[str] = None, tokenizer_type: Optional[str] = None,
+               device: Optional[str] = None) -> LoadedModel:
+    """Load the newest checkpoint under ``root`` (or one ``iter_*`` directory) into a TP=PP=1 model."""
+    from lns_megatron import data
+    from lns_megatron.model import build_gpt_model
+    from lns_megatron.train import transformer_config
+
+    directory, iteration = latest_checkpoint(root)
+    try:
+        config = PretrainConfig.from_dict(saved_config(directory))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {directory}: pretrain_config.json is corrupt ({e}); "
+                              "it was not written by lns_megatron.pretrain") from None
+    if tokenizer_type is not None:
+        config.tokenizer_type = tokenizer_type
+    if tokenizer_model is not None:
+        config.tokenizer_model = tokenizer_model
+    try:
+        tokenizer = data.build_tokenizer_from_config(config)
+    except ConfigError as e:
+        raise ExportError(f"checkpoint {directory} was trained with --tokenizer-type {config.tokenizer_type}: {e} "
+                          "(pass --tokenizer-model PATH to point at the tokenizer's current location)") from None
+    padded = data.padded_vocab_size(tokenizer.vocab_size, config.make_vocab_size_divisible_by,
+                                    config.tensor_model_parallel_size)  # the padding of the training layout
+
+    _ensure_single_process_parallel_state(config.seed)
+    # One process, one device: TP/PP/VPP collapse to 1 (dist_checkpointing reshards); FP8 and TE
+    # are training-time kernels; the local spec reads TE checkpoints (same keys, same math).
+    single = dataclasses.replace(
+        config, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+        num_layers_per_virtual_pipeline_stage=None, sequence_parallel=False, fp8_format=None,
+        transformer_impl="local", world_size=1,
+    )
+    model = build_gpt_model(
+        transformer_config(single), vocab_size=padded, max_sequence_length=single.max_position_embeddings,
+        norm_scheme=single.norm_scheme, transformer_impl="local",
+        position_embedding_type=single.position_embedding_type,
+        share_embeddings_and_output_weights=not single.untie_embeddings_and_output_weights,
+        qk_layernorm=single.qk_layernorm,
+    )
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    load_checkpoint(root, [model], load_rng=False)
+    model.eval()
+    return LoadedModel(model, config, directory, iteration, tokenizer, tokenizer.vocab_size)
+
+
+def check_llama_compatible(c: PretrainConfig, model=None) -> None:
+    """Refuse, with the reason and the fix, what has no exact Llama form."""
+    def refuse(what, why):
+        raise ExportError(f"cannot export to Llama: the checkpoint uses {what}; {why}")
+
+    if c.norm_scheme not in ("pre", "lns"):
+        refuse(f"--norm-scheme {c.norm_scheme}", "only Pre-LN and LNS (a constant per-layer factor that folds into "
+               "the RMSNorm weight) have an exact Llama form")
+    if c.normalization != "RMSNorm":
+        refuse(f"--normalization {c.normalization}", "Llama has RMSNorm only (no mean subtraction, no norm bias); "
+               "train with --normalization RMSNorm")
+    if not c.swiglu:
+        refuse("a non-gated GELU MLP", "Llama's MLP is SwiGLU; train with --swiglu")
+    if c.position_embedding_type != "rope":
+        refuse(f"--position-embedding-type {c.position_embedding_type}", "Llama uses RoPE; train with "
+               "--position-embedding-type rope")
+    if c.qk_layernorm:
+        refuse("--qk-layernorm", "Llama has no query/key norms")
+    if model is not None and getattr(model, "rotary_pos_emb", None) is not None:
+        rope = model.rotary_pos_emb
+        if getattr(rope, "rotary_interleaved", False):
+            refuse("interleaved RoPE", "Hugging Face Llama rotates halves (megatron's default)")
+        head_dim = model.config.kv_channels
+        if rope.inv_freq.numel() * 2 != head_dim:
+            refuse("RoPE on part of each head (--rotary-percent < 1)", "Llama rotates the whole head")
+
+
+def rope_base(model) -> float:
+    """The RoPE base the model really uses, read back from its inverse frequencies.
+
+    (Not the saved config's rotary_base: GPTModel takes the base from its constructor argument,
+    so the two can disagree; the export must match the function that was trained.)
+    """
+    inv_freq = model.rotary_pos_emb.inv_freq.float().cpu()
+    head_dim = 2 * inv_freq.numel()
+    if inv_freq.numel() < 2:
+        return 10000.0
+    base = float(inv_freq[1].double() ** (-head_dim / 2.0))  # float32 rounding makes this inexact
+    rounded = float(round(base))
+    again = 1.0 / (rounded ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    return rounded if torch.allclose(again, inv_freq, rtol=1e-6, atol=0) else base
+
+
+def llama_weights(loaded: LoadedModel, dtype: torch.dtype = torch.float32) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """(Hugging Face Llama state dict, config.json dict) of a loaded megatron model."""
+    model, c = loaded.model, loaded.config
+    check_llama_compatible(c, model)
+    tc = model.config
+    sd = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    heads, groups, head_dim, hidden = tc.num_attention_heads, tc.num_query_groups, tc.kv_channels, tc.hidden_size
+    per_group = heads // groups
+    vocab = loaded.vocab_size
+    biases = tc.add_bias_linear
+
+    def w(name):
+        return sd[name].detach().to(torch.float64).cpu()
+
+    def norm_weight(name, scale):
+        gamma = w(name)
+        if tc.layernorm_zero_centered_gamma:  # the norm multiplies by 1 + weight
+            gamma = gamma + 1.0
+        return gamma * scale
+
+    out = {"model.embed_tokens.weight": w("embedding.word_embeddings.weight")[:vocab]}
+    for i in range(tc.num_layers):
+        meg, hf = f"decoder.layers.{i}.", f"model.layers.{i}."
+        scale = layernorm_scale(i + 1) if c.norm_scheme == "lns" else 1.0
+        out[hf + "input_layernorm.weight"] = norm_weight(meg + "input_layernorm.weight", scale)
+        out[hf + "post_attention_layernorm.weight"] = norm_weight(meg + "pre_mlp_layernorm.weight", scale)
+        # linear_qkv rows: per query group [q heads of the group, k, v], each head_dim rows.
+        for kind in ("weight", "bias") if biases else ("weight",):
+            qkv = w(meg + f"self_attention.linear_qkv.{kind}")
+            qkv = qkv.view(groups, (per_group + 2) * head_dim, *qkv.shape[1:])
+            q, k, v = qkv.split([per_group * head_dim, head_dim, head_dim], dim=1)
+            out[hf + f"self_attn.q_proj.{kind}"] = q.reshape(heads * head_dim, *qkv.shape[2:])
+            out[hf + f"self_attn.k_proj.{kind}"] = k.reshape(groups * head_dim, *qkv.shape[2:])
+            out[hf + f"self_attn.v_proj.{kind}"] = v.reshape(groups * head_dim, *qkv.shape[2:])
+            out[hf + f"self_attn.o_proj.{kind}"] = w(meg + f"self_attention.linear_proj.{kind}")
+            gate, up = w(meg + f"mlp.linear_fc1.{kind}").chunk(2, dim=0)  # SwiGLU: [gate; up]
+            out[hf + f"mlp.gate_proj.{kind}"], out[hf + f"mlp.up_proj.{kind}"] = gate, up
+            out[hf + f"mlp.down_proj.{kind}"] = w(meg + f"mlp.linear_fc2.{kind}")
+    out["model.norm.weight"] = norm_weight("decoder.final_layernorm.weight", 1.0)  # the final norm: unscaled
+    tied = not c.untie_embeddings_and_output_weights
+    if not tied:
+        out["lm_head.weight"] = w("output_layer.weight")[:vocab]
+    out = {k: v.to(dtype).contiguous() for k, v in out.items()}
+
+    eod = getattr(loaded.tokenizer, "eod", None)
+    theta = rope_base(model)
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": tc.ffn_hidden_size,
+        "num_hidden_layers": tc.num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": groups,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": c.max_position_embeddings,
+        "rms_norm_eps": tc.layernorm_epsilon,
+        "rope_theta": theta,  # transformers 4.x, vLLM and llama.cpp converters read this key
+        "rope_parameters": {"rope_type": "default", "rope_theta": theta},  # transformers 5.x
+        "rope_scaling": None,
+        "attention_bias": biases,
+        "mlp_bias": biases,
+        "attention_dropout": 0.0,
+        "initializer_range": c.init_method_std,
+        "tie_word_embeddings": tied,
+        "bos_token_id": None,
+        "eos_token_id": eod if eod is not None and eod < vocab else None,
+        "pad_token_id": None,
+        "use_cache": True,
+        "torch_dtype": str(dtype).replace("torch.", ""),
+        "lns_megatron": {  # provenance only: nothing here is needed to run the model
+            "norm_scheme": c.norm_scheme,
+            "lns_folded_into": "input_layernorm, post_attention_layernorm" if c.norm_scheme == "lns" else None,
+            "iteration": loaded.iteration,
+            "padded_vocab_size": int(sd["embedding.word_embeddings.weight"].shape[0]),
+        },
+    }
+    return out, config
+
+
+def _save_safetensors(tensors: Dict[str, torch.Tensor], directory: str) -> None:
+    from safetensors.torch import save_file
+
+    shards, current, size = [], {}, 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > MAX_SHARD_BYTES:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensor
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+        return
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}, "weight_map": {}}
+    for n, shard in enumerate(shards, 1):
+        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(directory, name), metadata={"format": "pt"})
+        index["weight_map"].update({k: name for k in shard})
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+
+
+def tokenizer_files(c: PretrainConfig) -> Dict[str, str]:
+    """{name in the export: source path} of the tokenizer files, checked to exist."""
+    kind, model = c.tokenizer_type, c.tokenizer_model
+    if kind in (None, "NullTokenizer"):
+        return {}
+    if kind == "GPT2BPETokenizer":
+        files = {"vocab.json": c.vocab_file, "merges.txt": c.merge_file}
+    elif kind == "HuggingFaceTokenizer":
+        if model and os.path.isdir(model):
+            files = {n: os.path.join(model, n) for n in ("tokenizer.json", "tokenizer_config.json",
+                                                          "special_tokens_map.json")
+                     if n == "tokenizer.json" or os.path.isfile(os.path.join(model, n))}
+        else:
+            files = {"tokenizer.json": model}
+    elif kind == "SentencePieceTokenizer":
+        files = {"tokenizer.model": model}
+    else:  # TikTokenizer: copied as is; Hugging Face loads it only through conversion
+        files = {os.path.basename(model or "tokenizer.tiktoken"): model}
+    for name, path in files.items():
+        if not path or not os.path.isfile(path):
+            raise ExportError(f"tokenizer file {path!r} ({kind}, for {name}) not found; pass --tokenizer-model PATH "
+                              "(the file or directory the model was trained with)")
+    return files
+
+
+def _tokenizer_config(c: PretrainConfig, tokenizer) -> Optional[dict]:
+    """A minimal tokenizer_config.json when the source has none, so AutoTokenizer can load it."""
+    eos = None
+    try:
+        eos = tokenizer.detokenize([tokenizer.eod])
+    except Exception:  # a tokenizer without a decodable end token: leave eos unset
+        pass
+    classes = {"HuggingFaceTokenizer": "PreTrainedTokenizerFast", "SentencePieceTokenizer": "LlamaTokenizer",
+               "GPT2BPETokenizer": "GPT2Tokenizer"}
+    if c.tokenizer_type not in classes:
+        return None
+    return {"tokenizer_class": classes[c.tokenizer_type], "eos_token": eos, "model_max_length": c.max_position_embeddings}
+
+
+def export(loaded: LoadedModel, output: str, dtype: torch.dtype = torch.float32, overwrite: bool = False) -> str:
+    """Write the Hugging Face directory ``output`` atomically (temp dir, then rename)."""
+    output = os.path.abspath(output)
+    if os.path.exists(output) and not overwrite:
+        raise ExportError(f"--output {output} already exists; remove it, choose another directory, or pass --overwrite")
+    files = tokenizer_files(loaded.config)  # fail on a missing tokenizer before any work
+    tensors, config = llama_weights(loaded, dtype)
+    parent = os.path.dirname(output)
+    os.makedirs(parent, exist_ok=True)
+    partial = tempfile.mkdtemp(prefix=os.path.basename(output) + ".tmp-", dir=parent)
+    try:
+        _save_safetensors(tensors, partial)
+        with open(os.path.join(partial, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        with open(os.path.join(partial, "generation_config.json"), "w") as f:
+            json.dump({"eos_token_id": config["eos_token_id"], "bos_token_id": None}, f, indent=2)
+        for name, path in files.items():
+            shutil.copyfile(path, os.path.join(partial, name))
+        if files and "tokenizer_config.json" not in files:
+            tok_config = _tokenizer_config(loaded.config, loaded.tokenizer)
+            if tok_config is not None:
+                with open(os.path.join(partial, "tokenizer_config.json"), "w") as f:
+                    json.dump(tok_config, f, indent=2)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(partial, 0o777 & ~umask)  # mkdtemp makes it private
+        for name in os.listdir(partial):
+            os.chmod(os.path.join(partial, name), 0o666 & ~umask)
+        if os.path.exists(output):
+            shutil.rmtree(output)
+        os.rename(partial, output)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return output
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="export_hf", description="Export an lns_megatron checkpoint to a Hugging Face "
+                                "LlamaForCausalLM directory, with LNS folded into the norm weights")
+    p.add_argument("--load", required=True, help="checkpoint directory (the --save of a run, or one iter_* dir)")
+    p.add_argument("--output", required=True, help="directory to create")
+    p.add_argument("--tokenizer-model", help="tokenizer file or directory (default: the one the run was trained with)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: float32, bfloat16 for bf16 runs)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    return p
+
+
+def main(argv=None) -> int:
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+    args = build_parser().parse_args(argv)
+    from lns_megatron import distributed
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print("export_hf: error: run it as one process (python tools/export_hf.py ...), not under torchrun; "
+              "the checkpoint is resharded to one device on load", file=sys.stderr)
+        return 2
+    try:
+        check_llama_compatible(PretrainConfig.from_dict(saved_config(latest_checkpoint(args.load)[0])))  # before loading
+        loaded = load_model(args.load, tokenizer_model=args.tokenizer_model, device="cpu")
+        dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if loaded.config.bf16 else torch.float32)
+        path = export(loaded, args.output, dtype, args.overwrite)
+    except (ExportError, CheckpointError) as e:
+        print(f"export_hf: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        distributed.destroy()
+    c = loaded.config
+    print(f"export_hf: wrote {path}: LlamaForCausalLM, {c.num_layers} layers, vocab {loaded.vocab_size}, "
+          f"norm scheme {c.norm_scheme}" + (" (1/sqrt(l) folded into the norm weights)" if c.norm_scheme == "lns" else "")
+          + ("" if tokenizer_files(c) else "; no tokenizer files (NullTokenizer)"), flush=True)
+    return 0
