@@ -382,7 +382,7 @@ def summary_markdown(reports: List[DepthReport]) -> str:
         ("layers", lambda r: str(r.num_layers)),
         ("held-out tokens", lambda r: f"{r.num_tokens} ({r.num_samples} x {r.seq_length})"),
         ("loss / perplexity", lambda r: f"{r.loss:.4f} / {r.perplexity:.2f}"),
-        ("**effective depth**", lambda r: f"**{r.effective_depth} of {r.num_layers}** (|Δloss| > {r.threshold:g})"),
+        ("**effective depth**", lambda r: f"**{r.effective_depth} of {r.num_layers}** (\\|Δloss\\| > {r.threshold:g})"),
         ("Δloss on removal, mean over the deeper half", lambda r: f"{deep_half(r.removal_delta_loss):.4f}"),
         ("most important layer (Δloss)", lambda r: "{} ({:.4f})".format(
             int(np.argmax(r.removal_delta_loss)) + 1, max(r.removal_delta_loss))),
