@@ -11,9 +11,11 @@ import argparse
 import glob
 import gzip
 import io
+import itertools
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -142,6 +144,8 @@ _tokenizer = None
 
 def _init_worker(tokenizer_args):
     global _tokenizer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it terminates the pool
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # so that pool.terminate() stops a worker
     _tokenizer = build_tokenizer(*tokenizer_args)
 
 
@@ -187,8 +191,9 @@ def process_chunk(chunk, keys, append_eod) -> ChunkResult:
         result.empty += len(parsed) - len(docs)
         if append_eod:
             docs = [ids + [_tokenizer.eod] for ids in docs]
-        flat = np.fromiter((t for ids in docs for t in ids), dtype=np.int32)
-        result.docs[key] = (flat, np.array([len(ids) for ids in docs], dtype=np.int64))
+        lengths = np.array([len(ids) for ids in docs], dtype=np.int64)
+        flat = np.fromiter(itertools.chain.from_iterable(docs), dtype=np.int32, count=int(lengths.sum()))
+        result.docs[key] = (flat, lengths)
     return result
 
 
@@ -223,6 +228,7 @@ def output_paths(prefix, key):
 
 
 def run(args) -> Summary:
+    global _tokenizer
     import torch
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
     from tqdm import tqdm
@@ -252,7 +258,7 @@ def run(args) -> Summary:
             pool = multiprocessing.get_context("fork").Pool(args.workers, _init_worker, (tokenizer_args,))
             submit = lambda chunk: pool.apply_async(process_chunk, (chunk, args.json_keys, args.append_eod))
         else:
-            _init_worker(tokenizer_args)
+            _tokenizer = tokenizer
             submit = lambda chunk: _Done(process_chunk(chunk, args.json_keys, args.append_eod))
         in_flight = deque()
         bar = tqdm(unit="doc", desc="tokenizing", mininterval=1.0, file=sys.stderr, disable=None)
@@ -277,11 +283,15 @@ def run(args) -> Summary:
             bar.set_postfix_str(f"{summary.bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
 
         for chunk in _chunks(read_records(args), CHUNK_DOCS):
+            if _interrupted:  # one raised inside an at-fork hook or a finalizer is swallowed there
+                raise KeyboardInterrupt
             in_flight.append(submit(chunk))
             if len(in_flight) >= 2 * max(args.workers, 1):  # bounded: memory stays flat
                 drain_one()
         while in_flight:
             drain_one()
+        if _interrupted:
+            raise KeyboardInterrupt
         bar.close()
         if summary.tokens == 0:
             raise PreprocessError(f"--input {args.input or args.hf_dataset}: no tokens at all "
@@ -311,11 +321,25 @@ class _Done:
         return self.value
 
 
+_interrupted = False
+
+
+def _interrupt(signum, frame):
+    global _interrupted
+    _interrupted = True  # remembered: the exception below can land where Python swallows it
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     args = build_parser().parse_args(argv)
+    global _interrupted
+    _interrupted = False
+    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM cleans up like Ctrl-C
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where a parent chose to ignore it
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         s = run(args)
     except (PreprocessError, ValueError) as e:

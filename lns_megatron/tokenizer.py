@@ -46,7 +46,9 @@ class _HuggingFace(Tokenizer):
         super().__init__("HuggingFaceTokenizer", source, tok.get_vocab_size(with_added_tokens=True), eod)
 
     def tokenize_batch(self, texts):
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        # encode_batch_fast (tokenizers >= 0.20) skips the character offsets we never use: ~1.5x faster.
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
     def detokenize(self, ids):
         return self._tok.decode(list(ids), skip_special_tokens=False)

@@ -3,12 +3,14 @@
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
+from tokenizers import Tokenizer
 
 from dist_launch import ROOT
 from lns_megatron.preprocess import main
@@ -21,7 +23,7 @@ TEXTS = ["The curse of depth.", "Deep layers drift toward identity maps.", "", "
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     """A byte-level BPE trained here with `tokenizers`, saved as tokenizer.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -47,8 +49,10 @@ def read_documents(prefix):
 
 
 def expected(tokenizer_dir, texts, eod=True):
-    tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_dir)
-    return [tok.tokenize(t) + ([tok.eod] if eod else []) for t in texts if t]
+    """The ids from the tokenizers library's plain one-text encode, independent of our batched path."""
+    tok = Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json"))
+    eod_id = tok.token_to_id("<|endoftext|>")
+    return [tok.encode(t, add_special_tokens=False).ids + ([eod_id] if eod else []) for t in texts if t]
 
 
 def write_jsonl(path, texts, key="text"):
@@ -145,21 +149,25 @@ def test_refuses_to_overwrite(tmp_path, tokenizer_dir):
     assert run_tool(*args, "--overwrite")[0] == 0
 
 
-def test_interrupted_run_leaves_no_final_files(tmp_path, tokenizer_dir):
-    """SIGINT mid-run: no .bin/.idx under the final names, no temporaries left."""
-    import signal
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_run_leaves_no_final_files(tmp_path, tokenizer_dir, signum, workers):
+    """Ctrl-C or a scheduler's SIGTERM mid-run: no .bin/.idx under the final names, no temporaries left."""
     import time
 
     write_jsonl(tmp_path / "big.jsonl", TEXTS * 40000)
+    # A job started in the background by a script inherits SIGINT ignored; Ctrl-C at a terminal does not.
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input",
                              str(tmp_path / "big.jsonl"), "--output-prefix", str(tmp_path / "o"),
-                             *hf_args(tokenizer_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--workers", str(workers), *hf_args(tokenizer_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not any(".tmp-" in n for n in os.listdir(tmp_path)) and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=120)[0]
-    assert proc.returncode != 0, out
+    assert proc.returncode == 130 and "interrupted; no output was written" in out, out
     assert sorted(os.listdir(tmp_path)) == ["big.jsonl"], out
 
 

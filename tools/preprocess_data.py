@@ -7,7 +7,10 @@
 
 import os
 import sys
+import warnings
 
+# megatron-core's import-time notes about Apex and Transformer Engine concern training, not data.
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
 try:
     from lns_megatron.preprocess import main
 except ImportError:  # run from a checkout without installing
