@@ -22,9 +22,7 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,7 +34,7 @@ import torch.nn.functional as F
 
 from lns_megatron.checkpoint import CheckpointError
 from lns_megatron.diagnostics import angular_distance, layer_input, recorded_hidden_states
-from lns_megatron.export import ExportError, LoadedModel, load_model
+from lns_megatron.export import ExportError, LoadedModel, atomic_directory, load_model
 
 REPORT_FILE = "report.json"
 PLOTS = ("variance.png", "angular_distance.png", "layer_removal.png", "contribution.png")
@@ -409,23 +407,13 @@ def write_outputs(reports: List[DepthReport], output: str, args_dict: dict) -> s
     output = os.path.abspath(output)
     if os.path.exists(output) and os.listdir(output) and not os.path.isfile(os.path.join(output, REPORT_FILE)):
         raise ReportError(f"--output {output} exists and is not an earlier depth report; choose another directory")
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    partial = tempfile.mkdtemp(prefix=os.path.basename(output) + ".tmp-", dir=parent)
-    try:
+    with atomic_directory(output) as partial:
         plot(reports, partial)
         with open(os.path.join(partial, "summary.md"), "w") as f:
             f.write(summary_markdown(reports))
         with open(os.path.join(partial, REPORT_FILE), "w") as f:  # allow_nan=False: every number is finite
             json.dump({"arguments": args_dict, "runs": [dataclasses.asdict(r) for r in reports]}, f, indent=1,
                       allow_nan=False)
-        os.chmod(partial, 0o755)
-        if os.path.exists(output):
-            shutil.rmtree(output)
-        os.rename(partial, output)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return output
 
 

@@ -13,6 +13,7 @@ PP-split layers arrive whole and numbered globally (``decoder.layers.{i}`` is la
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -299,6 +300,28 @@ def _tokenizer_config(c: PretrainConfig, tokenizer) -> Optional[dict]:
     return {"tokenizer_class": classes[c.tokenizer_type], "eos_token": eos, "model_max_length": c.max_position_embeddings}
 
 
+@contextlib.contextmanager
+def atomic_directory(output: str):
+    """Yields a temporary directory beside ``output`` that replaces ``output`` only if the block succeeds:
+    a crash or Ctrl-C never leaves a directory under the final name that looks complete."""
+    parent = os.path.dirname(os.path.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    partial = tempfile.mkdtemp(prefix=os.path.basename(output) + ".tmp-", dir=parent)
+    try:
+        yield partial
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(partial, 0o777 & ~umask)  # mkdtemp makes it private
+        for name in os.listdir(partial):
+            os.chmod(os.path.join(partial, name), 0o666 & ~umask)
+        if os.path.exists(output):
+            shutil.rmtree(output)
+        os.rename(partial, output)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
 def export(loaded: LoadedModel, output: str, dtype: torch.dtype = torch.float32, overwrite: bool = False) -> str:
     """Write the Hugging Face directory ``output`` atomically (temp dir, then rename)."""
     output = os.path.abspath(output)
@@ -306,10 +329,7 @@ def export(loaded: LoadedModel, output: str, dtype: torch.dtype = torch.float32,
         raise ExportError(f"--output {output} already exists; remove it, choose another directory, or pass --overwrite")
     files = tokenizer_files(loaded.config)  # fail on a missing tokenizer before any work
     tensors, config = llama_weights(loaded, dtype)
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    partial = tempfile.mkdtemp(prefix=os.path.basename(output) + ".tmp-", dir=parent)
-    try:
+    with atomic_directory(output) as partial:
         _save_safetensors(tensors, partial)
         with open(os.path.join(partial, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
@@ -322,17 +342,6 @@ def export(loaded: LoadedModel, output: str, dtype: torch.dtype = torch.float32,
             if tok_config is not None:
                 with open(os.path.join(partial, "tokenizer_config.json"), "w") as f:
                     json.dump(tok_config, f, indent=2)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(partial, 0o777 & ~umask)  # mkdtemp makes it private
-        for name in os.listdir(partial):
-            os.chmod(os.path.join(partial, name), 0o666 & ~umask)
-        if os.path.exists(output):
-            shutil.rmtree(output)
-        os.rename(partial, output)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return output
 
 
