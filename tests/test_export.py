@@ -24,8 +24,12 @@ RUNS = {
     "lns": (1, ["--preset", "tiny", "--num-query-groups", "2", "--norm-scheme", "lns"]),  # GQA, untied
     "pre_tp2": (2, ["--preset", "tiny", "--norm-scheme", "pre", "--tensor-model-parallel-size", "2"]),
     "lns_pp2_tied": (2, [*LLAMA_TIED, "--norm-scheme", "lns", "--pipeline-model-parallel-size", "2"]),
+    "lns_bf16": (1, ["--preset", "tiny", "--norm-scheme", "lns", "--bf16"]),  # what H100 runs save
 }
 TOKENIZER_VOCAB = 201
+# bf16 keeps 8 significant bits: one ulp is 2^-7 for logits in [1, 2), 2^-6 in [2, 4). Observed 0.0083 at
+# max |logit| 2.4; the same export with the norms left unfolded differs by 0.56.
+BF16_LOGIT_ATOL = 0.03
 _trained = {}
 
 
@@ -122,6 +126,33 @@ def test_export_logits_match_megatron(checkpoints, tmp_path, name):
 
         with safe_open(str(out / "model.safetensors"), "pt") as f:
             assert "lm_head.weight" not in f.keys()
+
+
+def test_export_of_a_bf16_run(checkpoints, tmp_path):
+    """A --bf16 run exports bfloat16 weights by default: every tensor is the checkpoint's own bf16 value,
+    except the folded norm weights, which are gamma/sqrt(l) rounded once to bf16."""
+    from safetensors import safe_open
+
+    out = tmp_path / "hf"
+    code, err = export_cli("--load", checkpoints["lns_bf16"], "--output", out)
+    assert code == 0, err
+    assert json.load(open(out / "config.json"))["torch_dtype"] == "bfloat16"
+    tokens = random_tokens(TOKENIZER_VOCAB)
+    meg, ref, state, hf = megatron_and_hf_logits(checkpoints["lns_bf16"], str(out), TOKENIZER_VOCAB, tokens)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    hf_state = hf.state_dict()
+    for i in range(4):
+        for meg_name, hf_name in (("input_layernorm", "input_layernorm"), ("pre_mlp_layernorm", "post_attention_layernorm")):
+            gamma = state[f"decoder.layers.{i}.{meg_name}.weight"]
+            assert torch.equal(gamma, gamma.bfloat16().float())  # the checkpoint holds bf16 values
+            folded = (gamma.double() / math.sqrt(i + 1)).bfloat16().float()
+            assert torch.equal(hf_state[f"model.layers.{i}.{hf_name}.weight"], folded)
+        assert torch.equal(hf_state[f"model.layers.{i}.mlp.down_proj.weight"],
+                           state[f"decoder.layers.{i}.mlp.linear_fc2.weight"])
+    # The megatron model computes in bf16, as the run trained; the export is loaded in float32.
+    assert meg.dtype == torch.bfloat16 and meg.abs().max() > 0.1
+    torch.testing.assert_close(ref, meg.float(), rtol=0, atol=BF16_LOGIT_ATOL)
 
 
 def test_export_copies_and_trims_to_a_real_tokenizer(checkpoints, tmp_path):
