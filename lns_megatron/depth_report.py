@@ -247,14 +247,16 @@ def analyze(loaded: LoadedModel, windows: torch.Tensor, *, label: str, micro_bat
         loss_sum += nll(logits, labels)
         final_logp = F.log_softmax(logits.double(), dim=-1)
         n_tok = tokens.numel()
-        embedding_norm += states[0].norm(dim=-1).sum().item()
+        prev_norm = states[0].norm(dim=-1)
+        embedding_norm += prev_norm.sum().item()
         for l in range(1, L + 1):
             h, prev = states[l], states[l - 1]
             total[l - 1] += h.sum()
             sumsq[l - 1] += h.square().sum()
-            token_norm = h.norm(dim=-1)
-            norm[l - 1] += token_norm.sum()
-            contribution[l - 1] += ((h - prev).norm(dim=-1) / prev.norm(dim=-1).clamp(min=1e-30)).sum()
+            h_norm = h.norm(dim=-1)
+            norm[l - 1] += h_norm.sum()
+            contribution[l - 1] += ((h - prev).norm(dim=-1) / prev_norm.clamp(min=1e-30)).sum()
+            prev_norm = h_norm
             logp = F.log_softmax(lens_logits(model, rec.states[l]).double(), dim=-1)
             kl[l - 1] += (logp.exp() * (logp - final_logp)).sum().item()
         count += states[1].numel()
@@ -469,10 +471,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from lns_megatron import distributed
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        print("depth_report: error: run it as one process, not under torchrun; checkpoints of any TP/PP are "
-              "resharded to one device on load", file=sys.stderr)
-        return 2
     try:
         reports = run(args)
         path = write_outputs(reports, args.output, vars(args))

@@ -55,6 +55,9 @@ def _ensure_single_process_parallel_state(seed: int) -> None:
 
     from lns_megatron import distributed
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ExportError("run it as one process, not under torchrun: checkpoints of any TP/PP are resharded "
+                          "into one model on one device on load")
     if parallel_state.model_parallel_is_initialized():
         layout = (parallel_state.get_tensor_model_parallel_world_size(),
                   parallel_state.get_pipeline_model_parallel_world_size())
@@ -361,10 +364,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from lns_megatron import distributed
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        print("export_hf: error: run it as one process (python tools/export_hf.py ...), not under torchrun; "
-              "the checkpoint is resharded to one device on load", file=sys.stderr)
-        return 2
     try:
         check_llama_compatible(PretrainConfig.from_dict(saved_config(latest_checkpoint(args.load)[0])))  # before loading
         loaded = load_model(args.load, tokenizer_model=args.tokenizer_model, device="cpu")

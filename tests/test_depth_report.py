@@ -178,6 +178,13 @@ def test_held_out_jsonl_input(checkpoints, tmp_path):
     assert run["num_tokens"] == 3 * 16 and run["data"].startswith(f"--input {path}")
 
 
+def test_refuses_to_run_under_torchrun(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = report_cli("--load", checkpoints["lns"], "--mock-data", "--output", tmp_path / "out")
+    assert code == 2 and "depth_report: error: run it as one process, not under torchrun" in err, err
+    assert os.listdir(tmp_path) == []
+
+
 def test_bad_input_is_named(checkpoints, tmp_path):
     def error(*args):
         code, _, err = report_cli(*args, "--output", tmp_path / "out")

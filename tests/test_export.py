@@ -227,6 +227,13 @@ def test_missing_and_corrupt_checkpoints_are_named(checkpoints, tmp_path):
     assert not (tmp_path / "hf").exists() and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
 
 
+def test_refuses_to_run_under_torchrun(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, err = export_cli("--load", checkpoints["lns"], "--output", tmp_path / "hf")
+    assert code == 2 and "export_hf: error: run it as one process, not under torchrun" in err, err
+    assert os.listdir(tmp_path) == []
+
+
 def test_refuses_to_overwrite(checkpoints, tmp_path):
     (tmp_path / "hf").mkdir()
     code, err = export_cli("--load", checkpoints["lns"], "--output", tmp_path / "hf")
