@@ -25,11 +25,12 @@ warnings.filterwarnings("ignore")
 import torch
 import torch.distributed as dist
 
-from lns_megatron import data, diagnostics, distributed
+from lns_megatron.data import datasets as data
+from lns_megatron.training import distributed, probes as diagnostics
 from lns_megatron.config import parse_args, validate
-from lns_megatron.layer import HAVE_TE
-from lns_megatron.metrics import flops_per_iteration
-from lns_megatron.train import build_model, build_optimizer, forward_step, train_step
+from lns_megatron.schemes.lns import HAVE_TE
+from lns_megatron.training.metrics import flops_per_iteration
+from lns_megatron.training.train import build_model, build_optimizer, forward_step, train_step
 
 # H100 SXM dense BF16 peak (FP8 doubles it); used for MFU.
 PEAK_TFLOPS = {"bf16": 989.0, "fp8": 1979.0}

@@ -12,10 +12,10 @@ import warnings
 
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
-    from lns_megatron import distributed
-    from lns_megatron.checkpoint import CheckpointError
+    from lns_megatron.training import distributed
+    from lns_megatron.training.checkpoint import CheckpointError
     from lns_megatron.config import ConfigError, parse_args
-    from lns_megatron.train import NonFiniteLossError, pretrain
+    from lns_megatron.training.train import NonFiniteLossError, pretrain
 
     config = parse_args(argv)
     try:

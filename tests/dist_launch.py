@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from lns_megatron.distributed import free_port
+from lns_megatron.training.distributed import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Command-line entry point; the code is in lns_megatron/depth_report.py (run with --help)."""
+"""Command-line entry point; the code is in lns_megatron/diagnostics/report.py (run with --help)."""
 
 import os
 import sys
@@ -9,7 +9,7 @@ try:
 except ImportError:  # run from a checkout without installing the package
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lns_megatron.depth_report import main
+from lns_megatron.diagnostics.report import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,8 +24,8 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from lns_megatron import distributed
-from lns_megatron.model import build_gpt_model, tiny_config
+from lns_megatron.training import distributed
+from lns_megatron.models.gpt import build_gpt_model, tiny_config
 
 VOCAB, SEQ, MBS, MICROBATCHES = 96, 16, 2, 4
 

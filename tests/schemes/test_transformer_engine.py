@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lns_megatron.layer import HAVE_TE
+from lns_megatron.schemes.lns import HAVE_TE
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Transformer Engine tests)"),
@@ -35,7 +35,7 @@ def to_te_names(state):
 
 
 def build_pair(megatron_tp1, **overrides):
-    from lns_megatron.model import build_gpt_model, tiny_config
+    from lns_megatron.models.gpt import build_gpt_model, tiny_config
 
     config = tiny_config("lns", **overrides)
     torch.manual_seed(0)
@@ -76,7 +76,7 @@ def test_fused_te_spec_equals_unfused_local(megatron_tp1, overrides):
 def test_fp8_forward_backward_runs_with_lns(megatron_tp1):
     if not torch.cuda.get_device_capability() >= (8, 9):
         pytest.skip("FP8 needs an Ada or Hopper GPU (compute capability 8.9+)")
-    from lns_megatron.model import build_gpt_model, tiny_config
+    from lns_megatron.models.gpt import build_gpt_model, tiny_config
 
     config = tiny_config("lns", fp8="hybrid", fp8_recipe="delayed", params_dtype=torch.bfloat16, bf16=True,
                          hidden_size=128, ffn_hidden_size=256, num_attention_heads=4)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from lns_megatron.checkpoint import unwrap
+from lns_megatron.models.gpt import unwrap
 
 STATS = ("sum", "sumsq", "count", "angle", "tokens")
 
@@ -118,36 +118,3 @@ def _distributed_optimizer_ranges(optimizer):
 
 def _device(model):
     return next(unwrap(model[0]).parameters()).device
-
-
-# Offline analysis of one unwrapped GPTModel (lns_megatron.depth_report builds on these).
-
-
-class recorded_hidden_states:
-    """Context manager: the residual stream of an unwrapped single-stage GPTModel during forwards.
-
-    ``states`` becomes ``[h_0, h_1, ..., h_L]``: ``h_0`` is the input of the first layer (the
-    embeddings), ``h_l`` the output of layer ``l``; each ``[s, b, hidden]``, detached, from the
-    last forward only.
-    """
-
-    def __init__(self, gpt_model):
-        self.layers = list(gpt_model.decoder.layers)
-        self.states: List[torch.Tensor] = []
-        self._handles = []
-
-    def _first_input(self, layer, args, kwargs):
-        self.states = [layer_input(args, kwargs).detach()]
-
-    def _output(self, layer, args, kwargs, output):
-        self.states.append(layer_output(output).detach())
-
-    def __enter__(self):
-        self._handles.append(self.layers[0].register_forward_pre_hook(self._first_input, with_kwargs=True))
-        self._handles += [l.register_forward_hook(self._output, with_kwargs=True) for l in self.layers]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        self._handles = []

@@ -4,7 +4,7 @@ import base64
 
 import pytest
 
-from lns_megatron.tokenizer import build_tokenizer
+from lns_megatron.data.tokenizer import build_tokenizer
 
 CORPUS = ["the curse of depth in large language models", "layernorm scaling keeps deep layers useful"] * 50
 

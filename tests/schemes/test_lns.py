@@ -10,7 +10,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 import reference_llama
 from lns_megatron import LNSNorm, LNSTransformerLayer, get_gpt_lns_layer_spec, layernorm_scale
-from lns_megatron.model import build_gpt_model, tiny_config
+from lns_megatron.models.gpt import build_gpt_model, tiny_config
 
 VOCAB, SEQ, BATCH = 96, 12, 2
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the same suite runs on one GPU

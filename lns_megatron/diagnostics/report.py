@@ -32,15 +32,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lns_megatron.checkpoint import CheckpointError
-from lns_megatron.diagnostics import angular_distance, layer_input, recorded_hidden_states
-from lns_megatron.export import ExportError, LoadedModel, atomic_directory, load_model
+from lns_megatron.files import atomic_directory
+from lns_megatron.training.checkpoint import CheckpointError, LoadedModel, load_model
+from lns_megatron.training.probes import angular_distance, layer_input, layer_output
 
 REPORT_FILE = "report.json"
 PLOTS = ("variance.png", "angular_distance.png", "layer_removal.png", "contribution.png")
 
 
-class ReportError(ExportError):
+class ReportError(ValueError):
     """Bad input for the report: the message names the input and the fix."""
 
 
@@ -74,6 +74,36 @@ class DepthReport:
     data: str = ""
     layout: str = field(default="per-layer lists: index i is layer i+1 (1-based, global); angular_distance[l][n-1] "
                         "= arccos(cos(h_l, h_{l+n}))/pi, h_0 = embedding output, h_l = output of layer l")
+
+
+class recorded_hidden_states:
+    """Context manager: the residual stream of an unwrapped single-stage GPTModel during forwards.
+
+    ``states`` becomes ``[h_0, h_1, ..., h_L]``: ``h_0`` is the input of the first layer (the
+    embeddings), ``h_l`` the output of layer ``l``; each ``[s, b, hidden]``, detached, from the
+    last forward only.
+    """
+
+    def __init__(self, gpt_model):
+        self.layers = list(gpt_model.decoder.layers)
+        self.states: List[torch.Tensor] = []
+        self._handles = []
+
+    def _first_input(self, layer, args, kwargs):
+        self.states = [layer_input(args, kwargs).detach()]
+
+    def _output(self, layer, args, kwargs, output):
+        self.states.append(layer_output(output).detach())
+
+    def __enter__(self):
+        self._handles.append(self.layers[0].register_forward_pre_hook(self._first_input, with_kwargs=True))
+        self._handles += [l.register_forward_hook(self._output, with_kwargs=True) for l in self.layers]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
 
 @contextmanager
@@ -181,12 +211,12 @@ def _indexed_windows(prefix, split, seq_length, num_samples, vocab_limit):
 
 def _mock_windows(c, tokenizer, seq_length, num_samples, seed):
     """Held-out samples of megatron's MockGPTDataset (what a --mock-data run trained on)."""
-    from lns_megatron import data
+    from lns_megatron.data import datasets
 
     mock = dataclasses.replace(c, mock_data=True, data_path=None, seq_length=seq_length, train_iters=1,
                                eval_interval=1, eval_iters=1, global_batch_size=num_samples, seed=seed,
                                split="0,1,0", data_cache_path=None)
-    valid = data.build_datasets(mock, tokenizer)[1]
+    valid = datasets.build_datasets(mock, tokenizer)[1]
     samples = [valid[i] for i in range(num_samples)]
     return torch.stack([torch.cat([torch.as_tensor(s["tokens"]), torch.as_tensor(s["labels"])[-1:]])
                         for s in samples]).long()
@@ -469,12 +499,12 @@ def run(args) -> List[DepthReport]:
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     args = build_parser().parse_args(argv)
-    from lns_megatron import distributed
+    from lns_megatron.training import distributed
 
     try:
         reports = run(args)
         path = write_outputs(reports, args.output, vars(args))
-    except (ExportError, CheckpointError) as e:
+    except (ReportError, CheckpointError) as e:
         print(f"depth_report: error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:

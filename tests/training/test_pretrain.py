@@ -13,7 +13,7 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from dist_launch import ROOT
-from lns_megatron.distributed import free_port
+from lns_megatron.training.distributed import free_port
 
 VOCAB = 64
 COMMON = ["--preset", "tiny", "--seq-length", "32", "--max-position-embeddings", "32", "--num-workers", "0",
@@ -159,7 +159,7 @@ def test_bad_input_message(args, expected):
 
 
 def test_fp8_without_gpu_or_transformer_engine():
-    from lns_megatron.layer import HAVE_TE
+    from lns_megatron.schemes.lns import HAVE_TE
 
     args = ["--preset", "tiny", "--bf16", "--fp8-format", "hybrid", "--transformer-impl", "transformer_engine", *MOCK]
     if not torch.cuda.is_available():

@@ -18,7 +18,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import get_blend_from_list
 
 from lns_megatron.config import ConfigError, PretrainConfig
-from lns_megatron.tokenizer import build_tokenizer
+from lns_megatron.data.tokenizer import build_tokenizer
 
 
 SPLIT_NAMES = ("train", "validation", "test")

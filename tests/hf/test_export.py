@@ -4,49 +4,15 @@ against the megatron model in float32, plus every refusal and bad input."""
 import json
 import math
 import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from dist_launch import ROOT
-from lns_megatron.distributed import free_port
+from trained_checkpoints import RUNS, TOKENIZER_VOCAB, copy_checkpoint, trained_checkpoint
 
-TINY = ["--seq-length", "32", "--max-position-embeddings", "32", "--mock-data", "--vocab-size", "200",
-        "--train-iters", "30", "--global-batch-size", "4", "--micro-batch-size", "2", "--lr", "3e-3",
-        "--num-workers", "0", "--eval-interval", "1000", "--eval-iters", "1", "--depth-log-interval", "0"]
-LLAMA_TIED = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "172",
-              "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--position-embedding-type", "rope"]
-# name -> (processes, driver flags). Vocabulary 200 + EOD = 201 ids, padded to 256 rows by the driver.
-RUNS = {
-    "lns": (1, ["--preset", "tiny", "--num-query-groups", "2", "--norm-scheme", "lns"]),  # GQA, untied
-    "pre_tp2": (2, ["--preset", "tiny", "--norm-scheme", "pre", "--tensor-model-parallel-size", "2"]),
-    "lns_pp2_tied": (2, [*LLAMA_TIED, "--norm-scheme", "lns", "--pipeline-model-parallel-size", "2"]),
-    "lns_bf16": (1, ["--preset", "tiny", "--norm-scheme", "lns", "--bf16"]),  # what H100 runs save
-}
-TOKENIZER_VOCAB = 201
 # bf16 keeps 8 significant bits: one ulp is 2^-7 for logits in [1, 2), 2^-6 in [2, 4). Observed 0.0083 at
 # max |logit| 2.4; the same export with the norms left unfolded differs by 0.56.
 BF16_LOGIT_ATOL = 0.03
-_trained = {}
-
-
-def trained_checkpoint(tmp_path_factory, name):
-    """Train one tiny checkpoint per name and test session (shared with test_depth_report)."""
-    if name not in _trained:
-        nproc, flags = RUNS[name]
-        save = tmp_path_factory.mktemp("ckpt") / name
-        module = ["-m", "lns_megatron.pretrain", *flags, *TINY, "--save", str(save)]
-        cmd = [sys.executable, *module] if nproc == 1 else [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-            *module]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
-        _trained[name] = str(save)
-    return _trained[name]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +25,7 @@ def export_cli(*args):
     import contextlib
     import io
 
-    from lns_megatron.export import main
+    from lns_megatron.hf.export import main
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
@@ -71,9 +37,9 @@ def megatron_and_hf_logits(ckpt, export_dir, vocab, tokens, tokenizer_model=None
     """Logits of the checkpoint's megatron GPTModel (resharded to TP=PP=1) and of the export."""
     from transformers import LlamaForCausalLM
 
-    from lns_megatron import distributed
-    from lns_megatron.depth_report import forward_logits
-    from lns_megatron.export import load_model
+    from lns_megatron.training import distributed
+    from lns_megatron.diagnostics.report import forward_logits
+    from lns_megatron.training.checkpoint import load_model
 
     try:
         loaded = load_model(ckpt, tokenizer_model=tokenizer_model, device="cpu")
@@ -184,16 +150,6 @@ def test_export_copies_and_trims_to_a_real_tokenizer(checkpoints, tmp_path):
     torch.testing.assert_close(ref, meg, rtol=0, atol=2e-5)
 
 
-def copy_checkpoint(src, dst, **config_changes):
-    shutil.copytree(src, dst)
-    iter_dir = os.path.join(dst, sorted(d for d in os.listdir(dst) if d.startswith("iter_"))[-1])
-    path = os.path.join(iter_dir, "pretrain_config.json")
-    config = json.load(open(path))
-    config.update(config_changes)
-    json.dump(config, open(path, "w"))
-    return str(dst)
-
-
 @pytest.mark.parametrize("change, message", [
     (dict(normalization="LayerNorm"), "--normalization LayerNorm"),
     (dict(norm_scheme="peri"), "--norm-scheme peri"),
@@ -246,13 +202,13 @@ def test_linear_biases_map_to_llama_bias_options(tmp_path):
     """--add-bias-linear has an exact Llama form (attention_bias, mlp_bias): random weights, no training."""
     from transformers import LlamaForCausalLM
 
-    from lns_megatron import distributed
+    from lns_megatron.training import distributed
     from lns_megatron.config import PretrainConfig, fill_defaults
-    from lns_megatron.depth_report import forward_logits
-    from lns_megatron.export import LoadedModel, export
-    from lns_megatron.model import build_gpt_model
-    from lns_megatron.tokenizer import build_tokenizer
-    from lns_megatron.train import transformer_config
+    from lns_megatron.diagnostics.report import forward_logits
+    from lns_megatron.hf.export import LoadedModel, export
+    from lns_megatron.models.gpt import build_gpt_model
+    from lns_megatron.data.tokenizer import build_tokenizer
+    from lns_megatron.training.train import transformer_config
 
     c = PretrainConfig(num_layers=3, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=48,
                        normalization="RMSNorm", swiglu=True, position_embedding_type="rope", seq_length=16,

@@ -8,11 +8,13 @@ move (by an atomic replace), so a process killed mid-save never damages the late
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 import shutil
-from typing import List, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -21,6 +23,11 @@ from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpo
 
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from lns_megatron.config import ConfigError, PretrainConfig
+from lns_megatron.data import datasets
+from lns_megatron.models.gpt import build_gpt_model, transformer_config, unwrap
+from lns_megatron.training import distributed
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CONFIG_FILE = "pretrain_config.json"
@@ -32,13 +39,6 @@ class CheckpointError(RuntimeError):
 
 def iteration_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def unwrap(chunk):
-    """The GPTModel inside DDP and Float16Module wrappers."""
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
 
 
 def latest_checkpoint(root: str) -> Tuple[str, int]:
@@ -162,3 +162,75 @@ def load_checkpoint(root: str, model: List, optimizer=None, scheduler=None, load
     if "rng_state" in state:
         _set_rng_state(state["rng_state"])
     return state["iteration"], state["consumed_samples"]
+
+
+# Loading a trained checkpoint into one process, for the tools (export, depth report).
+
+
+@dataclass
+class LoadedModel:
+    """An unwrapped TP=PP=1 ``GPTModel`` in eval mode, loaded from a checkpoint."""
+
+    model: torch.nn.Module
+    config: PretrainConfig  # as saved, except tokenizer_model when overridden
+    directory: str  # the iter_* directory that was loaded
+    iteration: int
+    tokenizer: object  # lns_megatron.data.tokenizer.Tokenizer
+    vocab_size: int  # the tokenizer's true vocabulary (the model's rows beyond it are padding)
+
+
+def _ensure_single_process_parallel_state(seed: int) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CheckpointError("run it as one process, not under torchrun: checkpoints of any TP/PP are resharded "
+                              "into one model on one device on load")
+    if parallel_state.model_parallel_is_initialized():
+        layout = (parallel_state.get_tensor_model_parallel_world_size(),
+                  parallel_state.get_pipeline_model_parallel_world_size())
+        if layout != (1, 1):
+            raise CheckpointError(f"model parallelism is already initialized with TP, PP = {layout}; loading for "
+                                  "export or a report needs TP=PP=1 (run it as a separate single process)")
+        return
+    distributed.initialize(1, 1, seed=seed)
+
+
+def load_model(root: str, tokenizer_model: Optional[str] = None, tokenizer_type: Optional[str] = None,
+               device: Optional[str] = None) -> LoadedModel:
+    """Load the newest checkpoint under ``root`` (or one ``iter_*`` directory) into a TP=PP=1 model."""
+    directory, iteration = latest_checkpoint(root)
+    try:
+        config = PretrainConfig.from_dict(saved_config(directory))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {directory}: pretrain_config.json is corrupt ({e}); "
+                              "it was not written by lns_megatron.pretrain") from None
+    if tokenizer_type is not None:
+        config.tokenizer_type = tokenizer_type
+    if tokenizer_model is not None:
+        config.tokenizer_model = tokenizer_model
+    try:
+        tokenizer = datasets.build_tokenizer_from_config(config)
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {directory} was trained with --tokenizer-type {config.tokenizer_type}: {e} "
+                          "(pass --tokenizer-model PATH to point at the tokenizer's current location)") from None
+    padded = datasets.padded_vocab_size(tokenizer.vocab_size, config.make_vocab_size_divisible_by,
+                                    config.tensor_model_parallel_size)  # the padding of the training layout
+
+    _ensure_single_process_parallel_state(config.seed)
+    # One process, one device: TP/PP/VPP collapse to 1 (dist_checkpointing reshards); FP8 and TE
+    # are training-time kernels; the local spec reads TE checkpoints (same keys, same math).
+    single = dataclasses.replace(
+        config, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+        num_layers_per_virtual_pipeline_stage=None, sequence_parallel=False, fp8_format=None,
+        transformer_impl="local", world_size=1,
+    )
+    model = build_gpt_model(
+        transformer_config(single), vocab_size=padded, max_sequence_length=single.max_position_embeddings,
+        norm_scheme=single.norm_scheme, transformer_impl="local",
+        position_embedding_type=single.position_embedding_type,
+        share_embeddings_and_output_weights=not single.untie_embeddings_and_output_weights,
+        qk_layernorm=single.qk_layernorm,
+    )
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    load_checkpoint(root, [model], load_rng=False)
+    model.eval()
+    return LoadedModel(model, config, directory, iteration, tokenizer, tokenizer.vocab_size)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_export import copy_checkpoint, trained_checkpoint
+from trained_checkpoints import copy_checkpoint, trained_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def checkpoints(tmp_path_factory):
 
 
 def report_cli(*args):
-    from lns_megatron.depth_report import main
+    from lns_megatron.diagnostics.report import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -32,8 +32,8 @@ def report_cli(*args):
 
 @pytest.fixture
 def loaded_lns(checkpoints):
-    from lns_megatron import distributed
-    from lns_megatron.export import load_model
+    from lns_megatron.training import distributed
+    from lns_megatron.training.checkpoint import load_model
 
     try:
         yield load_model(checkpoints["lns"], device="cpu")
@@ -42,7 +42,7 @@ def loaded_lns(checkpoints):
 
 
 def held_out(loaded, num_samples=3):
-    from lns_megatron.depth_report import build_parser, held_out_windows
+    from lns_megatron.diagnostics.report import build_parser, held_out_windows
 
     windows, _ = held_out_windows(loaded, build_parser().parse_args(
         ["--load", "unused", "--mock-data", "--num-samples", str(num_samples)]))
@@ -50,7 +50,7 @@ def held_out(loaded, num_samples=3):
 
 
 def test_report_of_pre_and_lns_side_by_side(checkpoints, tmp_path):
-    from lns_megatron.depth_report import PLOTS, DepthReport
+    from lns_megatron.diagnostics.report import PLOTS, DepthReport
 
     out = tmp_path / "report"
     code, stdout, err = report_cli("--load", checkpoints["lns"], "--compare", checkpoints["pre_tp2"], "--mock-data",
@@ -91,7 +91,7 @@ def test_report_of_pre_and_lns_side_by_side(checkpoints, tmp_path):
 def test_statistics_match_an_independent_computation(loaded_lns):
     """Every per-layer number against float64 math on hidden states captured by the test's own hooks,
     and the loss against megatron's own (vocab-parallel) cross entropy."""
-    from lns_megatron.depth_report import analyze
+    from lns_megatron.diagnostics.report import analyze
 
     model = loaded_lns.model
     windows = held_out(loaded_lns)
@@ -137,7 +137,7 @@ def test_statistics_match_an_independent_computation(loaded_lns):
 
 
 def test_removing_a_layer_changes_the_output_exactly_as_skipping_it(loaded_lns):
-    from lns_megatron.depth_report import analyze, forward_logits, skipped_layer
+    from lns_megatron.diagnostics.report import analyze, forward_logits, skipped_layer
 
     model = loaded_lns.model
     windows = held_out(loaded_lns, num_samples=2)

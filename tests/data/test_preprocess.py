@@ -13,8 +13,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from tokenizers import Tokenizer
 
 from dist_launch import ROOT
-from lns_megatron.preprocess import main
-from lns_megatron.tokenizer import build_tokenizer
+from lns_megatron.data.preprocess import main
+from lns_megatron.data.tokenizer import build_tokenizer
 
 TEXTS = ["The curse of depth.", "Deep layers drift toward identity maps.", "", "LayerNorm Scaling: 1/sqrt(l)!",
          "ünïcödé and\nnewlines\n\nkept"]

@@ -24,7 +24,7 @@ from typing import Iterator, List, Tuple
 
 import numpy as np
 
-from lns_megatron.tokenizer import TOKENIZER_TYPES, build_tokenizer
+from lns_megatron.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
 
 CHUNK_DOCS = 1024
 SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".parquet", ".txt")

@@ -13,22 +13,19 @@ PP-split layers arrive whole and numbered globally (``decoder.layers.{i}`` is la
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import json
 import os
 import shutil
 import sys
-import tempfile
 import warnings
-from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
 
-from lns_megatron.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, saved_config
-from lns_megatron.config import ConfigError, PretrainConfig
-from lns_megatron.layer import layernorm_scale
+from lns_megatron.files import atomic_directory
+from lns_megatron.training.checkpoint import CheckpointError, LoadedModel, latest_checkpoint, load_model, saved_config
+from lns_megatron.config import PretrainConfig
+from lns_megatron.schemes.lns import layernorm_scale
 
 MAX_SHARD_BYTES = 5 * 1024**3  # Hugging Face's default shard size
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,83 +33,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class ExportError(ValueError):
     """Bad input for an export or a report: the message names the input and the fix."""
-
-
-@dataclass
-class LoadedModel:
-    """An unwrapped TP=PP=1 ``GPTModel`` in eval mode, loaded from a checkpoint."""
-
-    model: torch.nn.Module
-    config: PretrainConfig  # as saved, except tokenizer_model when overridden
-    directory: str  # the iter_* directory that was loaded
-    iteration: int
-    tokenizer: object  # lns_megatron.tokenizer.Tokenizer
-    vocab_size: int  # the tokenizer's true vocabulary (the model's rows beyond it are padding)
-
-
-def _ensure_single_process_parallel_state(seed: int) -> None:
-    from megatron.core import parallel_state
-
-    from lns_megatron import distributed
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ExportError("run it as one process, not under torchrun: checkpoints of any TP/PP are resharded "
-                          "into one model on one device on load")
-    if parallel_state.model_parallel_is_initialized():
-        layout = (parallel_state.get_tensor_model_parallel_world_size(),
-                  parallel_state.get_pipeline_model_parallel_world_size())
-        if layout != (1, 1):
-            raise ExportError(f"model parallelism is already initialized with TP, PP = {layout}; loading for export "
-                              "or a report needs TP=PP=1 (run it as a separate single process)")
-        return
-    distributed.initialize(1, 1, seed=seed)
-
-
-def load_model(root: str, tokenizer_model: Optional[str] = None, tokenizer_type: Optional[str] = None,
-               device: Optional[str] = None) -> LoadedModel:
-    """Load the newest checkpoint under ``root`` (or one ``iter_*`` directory) into a TP=PP=1 model."""
-    from lns_megatron import data
-    from lns_megatron.model import build_gpt_model
-    from lns_megatron.train import transformer_config
-
-    directory, iteration = latest_checkpoint(root)
-    try:
-        config = PretrainConfig.from_dict(saved_config(directory))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {directory}: pretrain_config.json is corrupt ({e}); "
-                              "it was not written by lns_megatron.pretrain") from None
-    if tokenizer_type is not None:
-        config.tokenizer_type = tokenizer_type
-    if tokenizer_model is not None:
-        config.tokenizer_model = tokenizer_model
-    try:
-        tokenizer = data.build_tokenizer_from_config(config)
-    except ConfigError as e:
-        raise ExportError(f"checkpoint {directory} was trained with --tokenizer-type {config.tokenizer_type}: {e} "
-                          "(pass --tokenizer-model PATH to point at the tokenizer's current location)") from None
-    padded = data.padded_vocab_size(tokenizer.vocab_size, config.make_vocab_size_divisible_by,
-                                    config.tensor_model_parallel_size)  # the padding of the training layout
-
-    _ensure_single_process_parallel_state(config.seed)
-    # One process, one device: TP/PP/VPP collapse to 1 (dist_checkpointing reshards); FP8 and TE
-    # are training-time kernels; the local spec reads TE checkpoints (same keys, same math).
-    single = dataclasses.replace(
-        config, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-        num_layers_per_virtual_pipeline_stage=None, sequence_parallel=False, fp8_format=None,
-        transformer_impl="local", world_size=1,
-    )
-    model = build_gpt_model(
-        transformer_config(single), vocab_size=padded, max_sequence_length=single.max_position_embeddings,
-        norm_scheme=single.norm_scheme, transformer_impl="local",
-        position_embedding_type=single.position_embedding_type,
-        share_embeddings_and_output_weights=not single.untie_embeddings_and_output_weights,
-        qk_layernorm=single.qk_layernorm,
-    )
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    load_checkpoint(root, [model], load_rng=False)
-    model.eval()
-    return LoadedModel(model, config, directory, iteration, tokenizer, tokenizer.vocab_size)
 
 
 def check_llama_compatible(c: PretrainConfig, model=None) -> None:
@@ -303,28 +223,6 @@ def _tokenizer_config(c: PretrainConfig, tokenizer) -> Optional[dict]:
     return {"tokenizer_class": classes[c.tokenizer_type], "eos_token": eos, "model_max_length": c.max_position_embeddings}
 
 
-@contextlib.contextmanager
-def atomic_directory(output: str):
-    """Yields a temporary directory beside ``output`` that replaces ``output`` only if the block succeeds:
-    a crash or Ctrl-C never leaves a directory under the final name that looks complete."""
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    partial = tempfile.mkdtemp(prefix=os.path.basename(output) + ".tmp-", dir=parent)
-    try:
-        yield partial
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(partial, 0o777 & ~umask)  # mkdtemp makes it private
-        for name in os.listdir(partial):
-            os.chmod(os.path.join(partial, name), 0o666 & ~umask)
-        if os.path.exists(output):
-            shutil.rmtree(output)
-        os.rename(partial, output)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-
-
 def export(loaded: LoadedModel, output: str, dtype: torch.dtype = torch.float32, overwrite: bool = False) -> str:
     """Write the Hugging Face directory ``output`` atomically (temp dir, then rename)."""
     output = os.path.abspath(output)
@@ -362,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     args = build_parser().parse_args(argv)
-    from lns_megatron import distributed
+    from lns_megatron.training import distributed
 
     try:
         check_llama_compatible(PretrainConfig.from_dict(saved_config(latest_checkpoint(args.load)[0])))  # before loading

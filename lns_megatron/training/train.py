@@ -8,14 +8,12 @@ parallel_state -> GPTModel (LNS spec) -> Float16Module (bf16) -> DDP -> distribu
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from functools import partial
 from typing import List
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -23,54 +21,16 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
-from lns_megatron import checkpoint, data, diagnostics, distributed
 from lns_megatron.config import PretrainConfig, validate
-from lns_megatron.layer import HAVE_TE
-from lns_megatron.metrics import MetricsLogger
-from lns_megatron.model import build_gpt_model, lns_transformer_config
+from lns_megatron.data import datasets
+from lns_megatron.models.gpt import build_gpt_model, transformer_config
+from lns_megatron.schemes.lns import HAVE_TE
+from lns_megatron.training import checkpoint, distributed, probes
+from lns_megatron.training.metrics import MetricsLogger
 
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def transformer_config(c: PretrainConfig):
-    return lns_transformer_config(
-        c.norm_scheme,
-        depth_scaled_output_init=c.depth_scaled_output_init or None,
-        num_layers=c.num_layers,
-        hidden_size=c.hidden_size,
-        ffn_hidden_size=c.ffn_hidden_size,
-        num_attention_heads=c.num_attention_heads,
-        num_query_groups=c.num_query_groups,
-        normalization=c.normalization,
-        layernorm_epsilon=c.norm_epsilon,
-        layernorm_zero_centered_gamma=c.apply_layernorm_1p,
-        gated_linear_unit=c.swiglu,
-        activation_func=F.silu if c.swiglu else F.gelu,
-        add_bias_linear=not c.disable_bias_linear,
-        init_method_std=c.init_method_std,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bf16=c.bf16,
-        params_dtype=torch.bfloat16 if c.bf16 else torch.float32,
-        pipeline_dtype=torch.bfloat16 if c.bf16 else torch.float32,
-        tensor_model_parallel_size=c.tensor_model_parallel_size,
-        pipeline_model_parallel_size=c.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=c.virtual_pipeline_model_parallel_size,
-        sequence_parallel=c.sequence_parallel,
-        fp8=c.fp8_format,
-        fp8_recipe=c.fp8_recipe,
-        fp8_amax_history_len=c.fp8_amax_history_len,
-        fp8_amax_compute_algo="max",
-        # The fused kernels need CUDA (and apex/TE); the CPU mode runs the unfused paths.
-        bias_activation_fusion=torch.cuda.is_available() and c.swiglu,
-        masked_softmax_fusion=importlib.util.find_spec("scaled_masked_softmax_cuda") is not None,  # apex kernel
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        use_cpu_initialization=not torch.cuda.is_available(),
-    )
 
 
 def build_model(c: PretrainConfig, vocab_size: int) -> List[torch.nn.Module]:
@@ -179,13 +139,13 @@ def pretrain(c: PretrainConfig) -> dict:
     """Train; returns {"losses": {iteration: loss}, "iteration": last} (for tests and scripts)."""
     validate(c, torch.cuda.is_available(), HAVE_TE)
     if c.data_path:
-        data.check_data_paths(c)
-    tokenizer = data.build_tokenizer_from_config(c)
+        datasets.check_data_paths(c)
+    tokenizer = datasets.build_tokenizer_from_config(c)
     if c.load is not None:
         checkpoint.latest_checkpoint(c.load)  # a clear error before any memory is allocated
     distributed.initialize(c.tensor_model_parallel_size, c.pipeline_model_parallel_size,
                            c.virtual_pipeline_model_parallel_size, seed=c.seed)
-    vocab = data.padded_vocab_size(tokenizer.vocab_size, c.make_vocab_size_divisible_by, c.tensor_model_parallel_size)
+    vocab = datasets.padded_vocab_size(tokenizer.vocab_size, c.make_vocab_size_divisible_by, c.tensor_model_parallel_size)
     model = build_model(c, vocab)
     optimizer, scheduler = build_optimizer(c, model)
     config = model[0].config
@@ -200,10 +160,10 @@ def pretrain(c: PretrainConfig) -> dict:
     if c.load is not None:
         iteration, consumed = checkpoint.load_checkpoint(c.load, model, optimizer, scheduler)
     start_iteration = iteration
-    train_ds, valid_ds, _ = data.build_datasets(c, tokenizer)
-    train_iters = data.data_iterators(train_ds, c, consumed, len(model))
-    valid_iters = data.data_iterators(valid_ds, c, 0, len(model)) if c.eval_iters > 0 else None
-    depth_batch = next(data.data_iterators(valid_ds or train_ds, c, 0, 1)[0]) if c.depth_log_interval else None
+    train_ds, valid_ds, _ = datasets.build_datasets(c, tokenizer)
+    train_iters = datasets.data_iterators(train_ds, c, consumed, len(model))
+    valid_iters = datasets.data_iterators(valid_ds, c, 0, len(model)) if c.eval_iters > 0 else None
+    depth_batch = next(datasets.data_iterators(valid_ds or train_ds, c, 0, 1)[0]) if c.depth_log_interval else None
 
     logger = MetricsLogger(c, vocab)
     if logger.is_writer:
@@ -227,7 +187,7 @@ def pretrain(c: PretrainConfig) -> dict:
                     "(lower --lr, raise --lr-warmup-iters or --clip-grad, and resume from the last checkpoint)"
                 )
             depth_due = c.depth_log_interval and iteration % c.depth_log_interval == 0
-            grad_norms = diagnostics.layer_grad_norms(model, optimizer, c.num_layers) if depth_due else None
+            grad_norms = probes.layer_grad_norms(model, optimizer, c.num_layers) if depth_due else None
             update_ok, grad_norm, _ = optimizer.step()
             if update_ok:
                 scheduler.step(increment=1)
@@ -236,7 +196,7 @@ def pretrain(c: PretrainConfig) -> dict:
             logger.training_step(iteration, consumed, loss, scheduler.get_lr(optimizer.param_groups[0]),
                                  grad_norm, optimizer.get_loss_scale().item(), skipped=not update_ok)
             if depth_due:
-                stats = diagnostics.hidden_state_stats(model, depth_batch, forward_step, c.num_layers, c.seq_length,
+                stats = probes.hidden_state_stats(model, depth_batch, forward_step, c.num_layers, c.seq_length,
                                                        c.sequence_parallel)
                 stats["grad-norm"] = grad_norms
                 logger.depth(iteration, stats)

@@ -11,7 +11,7 @@ import pytest
 
 from dist_launch import torchrun
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "dist", "parallel_equivalence.py")
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "dist", "parallel_equivalence.py")
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Optional
 
 import torch
@@ -13,8 +14,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import init_method_normal
 
 from lns_megatron import cpu
-from lns_megatron.layer import LNSNorm
-from lns_megatron.specs import get_gpt_lns_layer_spec
+from lns_megatron.config import PretrainConfig
+from lns_megatron.schemes.lns import LNSNorm
+from lns_megatron.models.specs import get_gpt_lns_layer_spec
 
 
 def lns_transformer_config(
@@ -36,6 +38,45 @@ def lns_transformer_config(
         # send_prev before send_next: with PP=2 and VPP (prev == next) tensors get swapped.
         config_kwargs.setdefault("batch_p2p_comm", False)
     return TransformerConfig(**config_kwargs)
+
+
+def transformer_config(c: PretrainConfig):
+    return lns_transformer_config(
+        c.norm_scheme,
+        depth_scaled_output_init=c.depth_scaled_output_init or None,
+        num_layers=c.num_layers,
+        hidden_size=c.hidden_size,
+        ffn_hidden_size=c.ffn_hidden_size,
+        num_attention_heads=c.num_attention_heads,
+        num_query_groups=c.num_query_groups,
+        normalization=c.normalization,
+        layernorm_epsilon=c.norm_epsilon,
+        layernorm_zero_centered_gamma=c.apply_layernorm_1p,
+        gated_linear_unit=c.swiglu,
+        activation_func=F.silu if c.swiglu else F.gelu,
+        add_bias_linear=not c.disable_bias_linear,
+        init_method_std=c.init_method_std,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bf16=c.bf16,
+        params_dtype=torch.bfloat16 if c.bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if c.bf16 else torch.float32,
+        tensor_model_parallel_size=c.tensor_model_parallel_size,
+        pipeline_model_parallel_size=c.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=c.virtual_pipeline_model_parallel_size,
+        sequence_parallel=c.sequence_parallel,
+        fp8=c.fp8_format,
+        fp8_recipe=c.fp8_recipe,
+        fp8_amax_history_len=c.fp8_amax_history_len,
+        fp8_amax_compute_algo="max",
+        # The fused kernels need CUDA (and apex/TE); the CPU mode runs the unfused paths.
+        bias_activation_fusion=torch.cuda.is_available() and c.swiglu,
+        masked_softmax_fusion=importlib.util.find_spec("scaled_masked_softmax_cuda") is not None,  # apex kernel
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=not torch.cuda.is_available(),
+    )
 
 
 def tiny_config(norm_scheme: str = "lns", **overrides) -> TransformerConfig:
@@ -99,3 +140,10 @@ def build_gpt_model(
         position_embedding_type=position_embedding_type,
         vp_stage=vp_stage,
     )
+
+
+def unwrap(chunk):
+    """The GPTModel inside DDP and Float16Module wrappers."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk

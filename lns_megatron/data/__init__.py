@@ -1,0 +1,1 @@
+"""Tokenizers, data preparation and the training datasets."""

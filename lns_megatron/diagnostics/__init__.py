@@ -1,0 +1,1 @@
+"""Depth diagnostics of trained checkpoints."""

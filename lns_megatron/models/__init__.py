@@ -1,0 +1,1 @@
+"""Layer specs and GPTModel building."""

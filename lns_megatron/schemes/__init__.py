@@ -1,0 +1,1 @@
+"""Norm schemes: one module per family, each citing its paper."""
