@@ -77,7 +77,7 @@ def main():
         sync()
         start = time.perf_counter()
         for _ in range(steps):
-            train_step(run["model"], run["optimizer"], None, run["iters"], run["c"])
+            train_step(run["model"], run["optimizer"], run["iters"], run["c"])
             run["optimizer"].step()
         sync()
         if torch.cuda.is_available():

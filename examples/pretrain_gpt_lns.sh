@@ -42,7 +42,7 @@ if [ "$HAVE_GPU" = 1 ]; then
     fi
     PARALLEL_EXTRA=(--use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather)
     LOG_ARGS=(--log-interval 10 --eval-interval 1000 --eval-iters 20 --save-interval 1000 --depth-log-interval 100)
-    LR_ARGS=(--lr 3e-4 --min-lr 3e-5 --lr-warmup-iters 2000)
+    LR_ARGS=(--lr 3e-4 --min-lr 3e-5 --lr-warmup-fraction 0.1)
     NUM_WORKERS=${NUM_WORKERS:-2}
 else
     GPUS_PER_NODE=${GPUS_PER_NODE:-1}
@@ -56,7 +56,7 @@ else
     PRECISION_ARGS=()
     PARALLEL_EXTRA=()
     LOG_ARGS=(--log-interval 10 --eval-interval 25 --eval-iters 2 --depth-log-interval 25)
-    LR_ARGS=(--lr 1e-3 --min-lr 1e-4 --lr-warmup-iters $((TRAIN_ITERS / 10)))
+    LR_ARGS=(--lr 1e-3 --min-lr 1e-4 --lr-warmup-fraction 0.1)
     NUM_WORKERS=${NUM_WORKERS:-0}
 fi
 CHECKPOINT_DIR=${CHECKPOINT_DIR/default/$PRESET}

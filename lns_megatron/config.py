@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -33,63 +35,72 @@ class ConfigError(ValueError):
     """Bad input: the message names the flag and the fix."""
 
 
-def _flag(help: str, default=None, **kw):
-    return field(default=default, metadata=dict(help=help, **kw))
+POSITIVE, NON_NEGATIVE = dict(above=0), dict(at_least=0)
+
+
+def _flag(help: str, default=None, flag: Optional[str] = None, **kw):
+    """A field that is also a flag. Non-argparse keys: ``flag`` (a name other than the field's),
+    ``above``/``at_least``/``below`` (bounds checked by :func:`validate`)."""
+    return field(default=default, metadata=dict(help=help, flag=flag, **kw))
 
 
 @dataclass
 class PretrainConfig:
     # Model
     preset: Optional[str] = _flag("fill the model flags from a named shape", choices=sorted(PRESETS))
-    num_layers: Optional[int] = _flag("transformer layers")
-    hidden_size: Optional[int] = _flag("hidden size")
-    ffn_hidden_size: Optional[int] = _flag("MLP hidden size (default 4 * hidden)")
-    num_attention_heads: Optional[int] = _flag("attention heads")
-    num_query_groups: Optional[int] = _flag("key/value groups for GQA (default: heads)")
-    seq_length: int = _flag("sequence length", 1024)
-    max_position_embeddings: Optional[int] = _flag("maximum positions (default: seq-length)")
+    num_layers: Optional[int] = _flag("transformer layers", **POSITIVE)
+    hidden_size: Optional[int] = _flag("hidden size", **POSITIVE)
+    ffn_hidden_size: Optional[int] = _flag("MLP hidden size (default 4 * hidden)", **POSITIVE)
+    num_attention_heads: Optional[int] = _flag("attention heads", **POSITIVE)
+    num_query_groups: Optional[int] = _flag("key/value groups for GQA (default: heads)", **POSITIVE)
+    seq_length: int = _flag("sequence length", 1024, **POSITIVE)
+    max_position_embeddings: Optional[int] = _flag("maximum positions (default: seq-length)", **POSITIVE)
     normalization: str = _flag("norm type", "LayerNorm", choices=["LayerNorm", "RMSNorm"])
-    norm_epsilon: float = _flag("norm epsilon", 1e-5)
+    norm_epsilon: float = _flag("norm epsilon", 1e-5, **POSITIVE)
     apply_layernorm_1p: bool = _flag("zero-centered gamma: the norm multiplies by 1 + weight", False)
     qk_layernorm: bool = _flag("normalize queries and keys", False)
     swiglu: bool = _flag("SwiGLU MLP", False)
     disable_bias_linear: bool = _flag("no biases in linear layers", False)
     position_embedding_type: str = _flag("position embedding", "learned_absolute", choices=["learned_absolute", "rope"])
-    rotary_base: int = _flag("RoPE base", 10000)
+    rotary_base: int = _flag("RoPE base", 10000, **POSITIVE)
     untie_embeddings_and_output_weights: bool = _flag("separate input embedding and output layer", False)
-    init_method_std: float = _flag("std of the normal init", 0.02)
+    init_method_std: float = _flag("std of the normal init", 0.02, **POSITIVE)
     depth_scaled_output_init: bool = _flag("output layers init std/sqrt(2L) even with LNS (off by the paper's advice)", False)
     transformer_impl: str = _flag("layer implementation", "local", choices=["local", "transformer_engine"])
     norm_scheme: str = _flag("pre: Pre-LN; lns: LayerNorm Scaling 1/sqrt(layer)", "lns", choices=["pre", "lns"])
-    make_vocab_size_divisible_by: int = _flag("pad the vocabulary to a multiple of this times TP", 128)
+    make_vocab_size_divisible_by: int = _flag("pad the vocabulary to a multiple of this times TP", 128, **POSITIVE)
     # Batches and schedule
-    micro_batch_size: int = _flag("samples per micro-batch per GPU", 1)
-    global_batch_size: Optional[int] = _flag("samples per iteration (default: micro-batch * DP)")
-    train_iters: int = _flag("iterations to train", 100)
-    lr: float = _flag("peak learning rate", 3e-4)
-    min_lr: float = _flag("final learning rate", 0.0)
-    lr_warmup_iters: int = _flag("linear warmup iterations", 0)
-    lr_decay_iters: Optional[int] = _flag("decay iterations (default: train-iters)")
+    micro_batch_size: int = _flag("samples per micro-batch per GPU", 1, **POSITIVE)
+    global_batch_size: Optional[int] = _flag("samples per iteration (default: micro-batch * DP)", **POSITIVE)
+    train_iters: int = _flag("iterations to train", 100, **POSITIVE)
+    lr: float = _flag("peak learning rate", 3e-4, **NON_NEGATIVE)
+    min_lr: float = _flag("final learning rate", 0.0, **NON_NEGATIVE)
+    lr_warmup_iters: int = _flag("linear warmup iterations", 0, **NON_NEGATIVE)
+    lr_warmup_fraction: Optional[float] = _flag("warmup as a fraction of the decay length (instead of --lr-warmup-iters)",
+                                                at_least=0, below=1)
+    lr_decay_iters: Optional[int] = _flag("decay iterations (default: train-iters)", **POSITIVE)
     lr_decay_style: str = _flag("decay after warmup", "cosine", choices=["constant", "linear", "cosine"])
-    weight_decay: float = _flag("weight decay", 0.01)
-    clip_grad: float = _flag("gradient clipping by global norm", 1.0)
-    adam_beta1: float = _flag("Adam beta1", 0.9)
-    adam_beta2: float = _flag("Adam beta2", 0.999)
-    adam_eps: float = _flag("Adam epsilon", 1e-8)
-    seed: int = _flag("random seed", 1234)
+    weight_decay: float = _flag("weight decay", 0.01, **NON_NEGATIVE)
+    clip_grad: float = _flag("gradient clipping by global norm (0: off)", 1.0, **NON_NEGATIVE)
+    adam_beta1: float = _flag("Adam beta1", 0.9, at_least=0, below=1)
+    adam_beta2: float = _flag("Adam beta2", 0.999, at_least=0, below=1)
+    adam_eps: float = _flag("Adam epsilon", 1e-8, **POSITIVE)
+    seed: int = _flag("random seed", 1234, **NON_NEGATIVE)
     # Precision
     bf16: bool = _flag("bfloat16 training (fp32 main weights)", False)
     fp8_format: Optional[str] = _flag("FP8 through Transformer Engine", choices=["e4m3", "hybrid"])
     fp8_recipe: str = _flag("FP8 scaling recipe", "delayed", choices=["delayed", "tensorwise", "mxfp8", "blockwise"])
-    fp8_amax_history_len: int = _flag("FP8 amax history length", 1)
+    fp8_amax_history_len: int = _flag("FP8 amax history length", 1, at_least=1)
     # Parallelism
-    tensor_model_parallel_size: int = _flag("tensor parallel size", 1)
-    pipeline_model_parallel_size: int = _flag("pipeline parallel size", 1)
-    num_layers_per_virtual_pipeline_stage: Optional[int] = _flag("layers per virtual stage (interleaved 1F1B)")
+    tensor_model_parallel_size: int = _flag("tensor parallel size", 1, at_least=1)
+    pipeline_model_parallel_size: int = _flag("pipeline parallel size", 1, at_least=1)
+    num_layers_per_virtual_pipeline_stage: Optional[int] = _flag("layers per virtual stage (interleaved 1F1B)", at_least=1)
     sequence_parallel: bool = _flag("sequence parallelism (needs TP > 1)", False)
     use_distributed_optimizer: bool = _flag("shard optimizer state over data parallel ranks", False)
     overlap_grad_reduce: bool = _flag("overlap the gradient reduce with backward", False)
     overlap_param_gather: bool = _flag("overlap the parameter all-gather (needs the distributed optimizer)", False)
+    distributed_timeout_minutes: float = _flag("end the job when a collective gets no answer for this long "
+                                               "(a frozen rank or a lost node)", 10.0, **POSITIVE)
     # Data
     data_path: Optional[List[str]] = _flag("dataset prefixes, optionally weighted: 0.7 a 0.3 b", nargs="+")
     split: str = _flag("train,valid,test proportions", "969,30,1")
@@ -98,23 +109,42 @@ class PretrainConfig:
     tokenizer_model: Optional[str] = _flag("tokenizer file or directory")
     vocab_file: Optional[str] = _flag("GPT2BPETokenizer vocab")
     merge_file: Optional[str] = _flag("GPT2BPETokenizer merges")
-    vocab_size: Optional[int] = _flag("vocabulary size for NullTokenizer / mock data")
+    vocab_size: Optional[int] = _flag("vocabulary size for NullTokenizer / mock data", **POSITIVE)
     data_cache_path: Optional[str] = _flag("where megatron caches dataset indices")
-    num_workers: int = _flag("data loader worker processes", 2)
+    num_workers: int = _flag("data loader worker processes", 2, **NON_NEGATIVE)
     # Checkpoints and evaluation
     save: Optional[str] = _flag("checkpoint directory to save to")
     load: Optional[str] = _flag("checkpoint directory to resume from")
-    save_interval: Optional[int] = _flag("save every N iterations (and at the end)")
-    exit_interval: Optional[int] = _flag("stop (and save, with --save) after this iteration")
-    eval_interval: int = _flag("validate every N iterations", 1000)
-    eval_iters: int = _flag("validation micro-batch rounds", 10)
+    save_interval: Optional[int] = _flag("save every N iterations (and at the end)", **POSITIVE)
+    exit_interval: Optional[int] = _flag("stop (and save, with --save) after this iteration", **POSITIVE)
+    dist_ckpt_optim_fully_reshardable: bool = _flag(
+        "save distributed-optimizer state per parameter (loads at any TP/PP/DP, with or without the distributed "
+        "optimizer; gathers the state at save) instead of per DP shard", False)
+    use_checkpoint_args: bool = _flag("take the model and tokenizer flags from the --load checkpoint", False)
+    finetune: bool = _flag("load the model weights only: iteration 0, fresh optimizer, scheduler and data order", False)
+    no_load_optim: bool = _flag("do not load the optimizer state (nor the scheduler's)", False)
+    no_load_rng: bool = _flag("do not load the random-number generator states", False)
+    override_opt_param_scheduler: bool = _flag(
+        "on --load, use this run's --lr/--min-lr/warmup/decay/weight-decay flags, not the checkpoint's", False,
+        flag="--override-opt_param-scheduler")
+    use_checkpoint_opt_param_scheduler: bool = _flag(
+        "on --load, keep the checkpoint's learning-rate schedule and ignore the schedule flags", False,
+        flag="--use-checkpoint-opt_param-scheduler")
+    eval_interval: int = _flag("validate every N iterations", 1000, **POSITIVE)
+    eval_iters: int = _flag("validation micro-batch rounds (0: no validation)", 10, **NON_NEGATIVE)
+    check_for_nan_in_loss_and_grad: bool = _flag(
+        "stop at the first NaN/Inf loss or gradient, before the optimizer step", True,
+        flag="--no-check-for-nan-in-loss-and-grad")
     # Logging
     tensorboard_dir: Optional[str] = _flag("TensorBoard log directory (written by the last rank)")
-    log_interval: int = _flag("console/TensorBoard interval", 100)
-    depth_log_interval: int = _flag("depth-health diagnostics interval (0: off)", 100)
+    log_interval: int = _flag("console/TensorBoard interval", 100, **POSITIVE)
+    depth_log_interval: int = _flag("depth-health diagnostics interval (0: off)", 100, **NON_NEGATIVE)
 
-    # Derived at validation
+    # Derived at start (and saved with each checkpoint, which a resume is compared with)
     world_size: int = field(default=1, metadata=dict(derived=True))
+    tokenizer_vocab_size: Optional[int] = field(default=None, metadata=dict(derived=True))
+    tokenizer_fingerprint: Optional[str] = field(default=None, metadata=dict(derived=True))
+    padded_vocab_size: Optional[int] = field(default=None, metadata=dict(derived=True))
 
     @property
     def data_parallel_size(self) -> int:
@@ -139,27 +169,47 @@ class PretrainConfig:
         return cls(**{k: v for k, v in values.items() if k in names})
 
 
+ARGPARSE_KEYS = ("help", "choices", "nargs")
+
+
+def flag_name(name: str) -> str:
+    """The command-line flag of a config field (``lr_decay_iters`` -> ``--lr-decay-iters``)."""
+    meta = PretrainConfig.__dataclass_fields__[name].metadata
+    return meta.get("flag") or "--" + name.replace("_", "-")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lns-pretrain", description="GPT pretraining with LayerNorm Scaling on megatron-core",
         argument_default=argparse.SUPPRESS,  # only explicit flags reach the namespace
     )
     for f in dataclasses.fields(PretrainConfig):
-        meta = dict(f.metadata)
-        if meta.pop("derived", False):
+        if f.metadata.get("derived", False):
             continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", help=meta["help"])
+        kw = {k: v for k, v in f.metadata.items() if k in ARGPARSE_KEYS}
+        if f.type in ("bool", bool):  # a flag that is on by default is switched off by its --no-... name
+            parser.add_argument(flag_name(f.name), dest=f.name, action="store_false" if f.default else "store_true", **kw)
             continue
         base = f.type.replace("Optional[", "").rstrip("]") if isinstance(f.type, str) else f.type
         kind = {"int": int, "float": float}.get(base.replace("List[", ""), str)
-        parser.add_argument(flag, type=kind, **meta)
+        parser.add_argument(flag_name(f.name), dest=f.name, type=kind, **kw)
     return parser
 
 
+def _last_position(argv: List[str], flag: str) -> int:
+    return max((i for i, a in enumerate(argv) if a == flag or a.startswith(flag + "=")), default=-1)
+
+
 def parse_args(argv=None) -> PretrainConfig:
+    argv = list(sys.argv[1:] if argv is None else argv)
     explicit = vars(build_parser().parse_args(argv))
+    if "lr_warmup_iters" in explicit and "lr_warmup_fraction" in explicit:
+        # Two spellings of one setting: the later one wins, as for any repeated flag (a launcher's default
+        # --lr-warmup-fraction, overridden by the user's --lr-warmup-iters at the end of the line).
+        if _last_position(argv, "--lr-warmup-iters") > _last_position(argv, "--lr-warmup-fraction"):
+            del explicit["lr_warmup_fraction"]
+        else:
+            del explicit["lr_warmup_iters"]
     values = {}
     if "preset" in explicit:
         values.update(LLAMA_ARCH)
@@ -180,6 +230,25 @@ def fill_defaults(c: PretrainConfig) -> None:
         c.max_position_embeddings = c.seq_length
     if c.lr_decay_iters is None:
         c.lr_decay_iters = c.train_iters
+    if c.lr_warmup_fraction is not None and c.lr_decay_iters is not None:  # Megatron-LM: a fraction of the decay
+        c.lr_warmup_iters = int(c.lr_warmup_fraction * c.lr_decay_iters)
+
+
+def check_bounds(c: PretrainConfig) -> None:
+    """Every numeric flag within its bounds and finite: one line naming the flag."""
+    for f in dataclasses.fields(PretrainConfig):
+        value, meta = getattr(c, f.name), f.metadata
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        flag = flag_name(f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{flag} {value}: must be a finite number")
+        if "above" in meta and not value > meta["above"]:
+            raise ConfigError(f"{flag} {value}: must be greater than {meta['above']}")
+        if "at_least" in meta and not value >= meta["at_least"]:
+            raise ConfigError(f"{flag} {value}: must be at least {meta['at_least']}")
+        if "below" in meta and not value < meta["below"]:
+            raise ConfigError(f"{flag} {value}: must be less than {meta['below']}")
 
 
 def validate(c: PretrainConfig, cuda_available: bool, have_te: bool) -> None:
@@ -190,7 +259,8 @@ def validate(c: PretrainConfig, cuda_available: bool, have_te: bool) -> None:
             raise ConfigError(message)
 
     for name in ("num_layers", "hidden_size", "num_attention_heads"):
-        need(getattr(c, name) is not None, f"--{name.replace('_', '-')} is required (or pick a --preset, e.g. --preset tiny)")
+        need(getattr(c, name) is not None, f"{flag_name(name)} is required (or pick a --preset, e.g. --preset tiny)")
+    check_bounds(c)
     tp, pp = c.tensor_model_parallel_size, c.pipeline_model_parallel_size
     need(c.num_attention_heads % tp == 0,
          f"--num-attention-heads {c.num_attention_heads} is not divisible by --tensor-model-parallel-size {tp}; "
@@ -241,7 +311,6 @@ def validate(c: PretrainConfig, cuda_available: bool, have_te: bool) -> None:
     if c.fp8_format:
         need(c.transformer_impl == "transformer_engine", "--fp8-format needs --transformer-impl transformer_engine")
         need(c.bf16, "--fp8-format needs --bf16 for the non-FP8 parts")
-    need(c.train_iters > 0, "--train-iters must be positive")
     need(c.min_lr <= c.lr, f"--min-lr {c.min_lr} is above --lr {c.lr}; lower --min-lr")
     need(c.lr_warmup_iters < c.lr_decay_iters,
          f"--lr-warmup-iters {c.lr_warmup_iters} must be smaller than the decay length {c.lr_decay_iters} "
@@ -254,5 +323,10 @@ def validate(c: PretrainConfig, cuda_available: bool, have_te: bool) -> None:
         need(c.tokenizer_type is not None, "--data-path needs --tokenizer-type (the tokenizer the data was prepared with)")
     if c.save_interval is not None:
         need(c.save is not None, "--save-interval needs --save DIR")
+    for name in ("use_checkpoint_args", "finetune", "no_load_optim", "no_load_rng", "override_opt_param_scheduler",
+                 "use_checkpoint_opt_param_scheduler"):
+        need(not getattr(c, name) or c.load is not None, f"{flag_name(name)} needs --load DIR")
+    need(not (c.override_opt_param_scheduler and c.use_checkpoint_opt_param_scheduler),
+         "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are exclusive; choose one")
     if c.load is not None:
         need(os.path.isdir(c.load), f"--load {c.load}: no such directory; give the --save directory of an earlier run")

@@ -1,6 +1,7 @@
 """``python -m lns_megatron.pretrain`` / ``lns-pretrain``: GPT pretraining with LayerNorm Scaling.
 
-Run it under torchrun for several processes; alone it is a world of one.
+Run it under torchrun for several processes; alone it is a world of one. Every refusal and every
+failure the job can explain is one line ``lns-pretrain: error: ...`` on stderr.
 """
 
 from __future__ import annotations
@@ -9,21 +10,33 @@ import os
 import sys
 import warnings
 
+# Import-time notes of megatron-core that concern other setups (Apex and TE fallbacks, deprecations).
+QUIET = (".*(Transformer Engine|Apex).*", ".*full scope is deprecated.*")
+
 
 def main(argv=None) -> int:
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+    for pattern in QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
+    from lns_megatron.training import reaper
+
+    reaper.start()  # before torch: the watchdog stays small
+    from lns_megatron.config import ConfigError, parse_args
     from lns_megatron.training import distributed
     from lns_megatron.training.checkpoint import CheckpointError
-    from lns_megatron.config import ConfigError, parse_args
-    from lns_megatron.training.train import NonFiniteLossError, pretrain
+    from lns_megatron.training.safety import NonFiniteError
+    from lns_megatron.training.train import CollectiveError, pretrain
 
-    config = parse_args(argv)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
-        pretrain(config)
-    except (ConfigError, CheckpointError, NonFiniteLossError) as e:
-        if int(os.environ.get("RANK", "0")) == 0 or isinstance(e, NonFiniteLossError):
+        pretrain(parse_args(argv))
+    except (ConfigError, CheckpointError) as e:  # the same on every rank: said once
+        if rank0:
             print(f"lns-pretrain: error: {e}", file=sys.stderr, flush=True)
-        return 2 if not isinstance(e, NonFiniteLossError) else 3
+        return 2
+    except (NonFiniteError, CollectiveError) as e:
+        if rank0 or isinstance(e, CollectiveError):  # a failed collective: each rank says what it saw
+            print(f"lns-pretrain: error: {e}", file=sys.stderr, flush=True)
+        return 3
     finally:
         distributed.destroy()
     return 0

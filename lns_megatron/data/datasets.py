@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Iterator, List, Optional
 
@@ -91,6 +92,8 @@ def build_datasets(c: PretrainConfig, tokenizer):
         path_to_cache=c.data_cache_path,
         mmap_bin_files=True,
     )
+    if c.mock_data:  # its "unable to save MockGPTDataset indexes" note, once per split, is noise
+        logging.getLogger("megatron.core.datasets.gpt_dataset").setLevel(logging.ERROR)
     dataset_class = MockGPTDataset if c.mock_data else GPTDataset
     return BlendedMegatronDatasetBuilder(dataset_class, sizes, lambda: True, config).build()
 

@@ -6,6 +6,7 @@ Type names are Megatron-LM's. Nothing is downloaded: every tokenizer loads from 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import OrderedDict
 from typing import List, Optional, Sequence
@@ -23,7 +24,21 @@ class Tokenizer:
         self.kind, self.source = kind, source
         self.vocab_size = vocab_size
         self.eod = eod
-        self.pad = eod
+        self.files: Sequence[str] = ()  # the files that define it (set by build_tokenizer)
+        # No ``pad``: megatron's GPTDataset masks the loss on pad tokens, and the only spare id would be EOD.
+
+    @property
+    def fingerprint(self) -> Optional[str]:
+        """sha256 (first 16 hex digits) of the bytes of the files that define the tokenizer: its identity
+        whatever path they are read from. None for NullTokenizer, which has no files."""
+        if not self.files:
+            return None
+        digest = hashlib.sha256()
+        for path in self.files:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        return digest.hexdigest()[:16]
 
     @property
     def unique_identifiers(self) -> OrderedDict:
@@ -128,6 +143,15 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None, 
                     merge_file: Optional[str] = None, vocab_size: Optional[int] = None,
                     eod_id: Optional[int] = None) -> Tokenizer:
     """A tokenizer from local files. Bad input raises ValueError naming the flag and the fix."""
+    tokenizer = _build(tokenizer_type, tokenizer_model, vocab_file, merge_file, vocab_size, eod_id)
+    if tokenizer_type == "GPT2BPETokenizer":
+        tokenizer.files = (vocab_file, merge_file)
+    elif tokenizer_type != "NullTokenizer":
+        tokenizer.files = (tokenizer.source,)
+    return tokenizer
+
+
+def _build(tokenizer_type, tokenizer_model, vocab_file, merge_file, vocab_size, eod_id) -> Tokenizer:
     if tokenizer_type == "NullTokenizer":
         return _Null(vocab_size, eod_id)
     if tokenizer_type == "HuggingFaceTokenizer":

@@ -68,6 +68,15 @@ def saved_config(directory: str) -> dict:
         return json.load(f)
 
 
+def saved_schedule(directory: str) -> Optional[dict]:
+    """The learning-rate scheduler state saved in a checkpoint (its small common file only)."""
+    try:
+        return dist_checkpointing.load_common_state_dict(directory).get("opt_param_scheduler")
+    except Exception as e:  # a torn or foreign checkpoint
+        raise CheckpointError(f"checkpoint {directory}: cannot read its common state ({type(e).__name__}: {e}); "
+                              "pass an earlier iter_* directory") from None
+
+
 def _rng_state() -> dict:
     return {
         "random": random.getstate(),
@@ -87,13 +96,70 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _sharded_state(model: List, optimizer, is_loading: bool) -> dict:
-    state = {f"model{i}": unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model)}
+def content_metadata(use_distributed_optimizer: bool, fully_reshardable: bool) -> dict:
+    """What shapes the sharded state dict, saved in the checkpoint and read back on load (Megatron-LM's
+    ``_build_sharded_state_dict_metadata``). megatron-core's default distributed-optimizer layout
+    (``fully_sharded_model_space``) cannot be saved with torch_dist, so it is never used."""
+    metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    if use_distributed_optimizer:
+        metadata["distrib_optim_sharding_type"] = "fully_reshardable" if fully_reshardable else "dp_reshardable"
+    return metadata
+
+
+def _initialize_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer its Adam state (zeros, step 0) so that megatron-core can build
+    the sharded state dict to load into: with torch's Adam (no Apex or TE) its ``state_dict()`` reads
+    ``step`` from the per-parameter state, which is empty before the first step (megatron-core 0.16)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and opt.init_state_fn is not None:
+            opt.init_state_fn(opt.optimizer, opt.config)
+            for state in opt.optimizer.state.values():
+                state.setdefault("step", torch.tensor(0.0))
+
+
+def _load_optimizer_state(optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict``, mended for torch's Adam without Apex or TE (megatron-core 0.16).
+
+    There the distributed optimizer keeps Adam's ``step`` per parameter. Its loader restores it from the
+    saved parameter groups as ONE tensor shared by every parameter (torch's in-place ``step += 1`` then
+    advances it once per parameter), and then copies the loaded shards into every per-parameter key,
+    ``step`` included, which the shards lack (``fully_reshardable``: a KeyError) or hold as the placeholder
+    of :func:`_initialize_optimizer_state` (``dp_reshardable``: a wrong bias correction). So the parameter
+    state is loaded here, after the rest, with the steps set aside and then given back one per parameter.
+    With Apex/TE Adam the step lives in the parameter groups only and this is megatron's own path.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
+    states = [state] if len(optimizers) == 1 else [v for _, v in sorted(state.items())]
+    deferred = []
+    for opt, saved in zip(optimizers, states):
+        torch_adam_steps = any("step" in g for g in saved.get("optimizer", {}).get("param_groups", []))
+        if isinstance(opt, DistributedOptimizer) and torch_adam_steps and "param_state" in saved:
+            deferred.append((opt, saved.pop("param_state"), saved["param_state_sharding_type"]))
+    with torch.no_grad():  # it copies into fp32 main params that are the model's own leaves
+        optimizer.load_state_dict(state)
+        for opt, param_state, sharding_type in deferred:
+            steps = {p: s.pop("step") for p, s in opt.optimizer.state.items() if "step" in s}
+            load = {"fully_reshardable": opt.load_parameter_state_from_fully_reshardable,
+                    "dp_reshardable": opt.load_parameter_state_from_dp_reshardable}[sharding_type]
+            load(param_state)
+            for p, step in steps.items():
+                opt.optimizer.state[p]["step"] = step.clone()
+
+
+def _sharded_state(model: List, optimizer, is_loading: bool, metadata: dict) -> dict:
+    state = {f"model{i}": unwrap(chunk).sharded_state_dict(metadata=metadata) for i, chunk in enumerate(model)}
     if optimizer is not None:
+        if is_loading:
+            _initialize_optimizer_state(optimizer)
         model_state = {}
         for chunk_state in state.values():
             model_state.update(chunk_state)
-        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading)
+        group_metadata = dict(metadata, dp_cp_group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=group_metadata)
     pp, tp = parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_world_size()
     state["rng_state"] = ShardedObject(
         "rng_state", _rng_state(), (pp, tp),
@@ -104,7 +170,7 @@ def _sharded_state(model: List, optimizer, is_loading: bool) -> dict:
 
 
 def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: List, optimizer, scheduler,
-                    config_json: str) -> str:
+                    config: PretrainConfig) -> str:
     final = iteration_dir(root, iteration)
     partial = final + ".tmp"
     rank = dist.get_rank()
@@ -113,14 +179,15 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: Lis
         shutil.rmtree(partial, ignore_errors=True)  # debris of an interrupted save
         os.makedirs(partial)
     dist.barrier()
-    state = _sharded_state(model, optimizer, is_loading=False)
+    metadata = content_metadata(config.use_distributed_optimizer, config.dist_ckpt_optim_fully_reshardable)
+    state = _sharded_state(model, optimizer, is_loading=False, metadata=metadata)
     state.update(iteration=iteration, consumed_samples=consumed_samples,
                  opt_param_scheduler=scheduler.state_dict() if scheduler is not None else None)
-    dist_checkpointing.save(state, partial)
+    dist_checkpointing.save(state, partial, content_metadata=metadata)
     dist.barrier()
     if rank == 0:
         with open(os.path.join(partial, CONFIG_FILE), "w") as f:  # written last: marks completeness
-            f.write(config_json)
+            f.write(config.to_json())
         if os.path.exists(final):
             shutil.rmtree(final)
         os.rename(partial, final)
@@ -142,7 +209,8 @@ def load_checkpoint(root: str, model: List, optimizer=None, scheduler=None, load
     saved = saved_config(directory)
     same_layout = (saved.get("tensor_model_parallel_size") == parallel_state.get_tensor_model_parallel_world_size()
                    and saved.get("pipeline_model_parallel_size") == parallel_state.get_pipeline_model_parallel_world_size())
-    sharded = _sharded_state(model, optimizer, is_loading=True)
+    metadata = dist_checkpointing.load_content_metadata(directory) or {}
+    sharded = _sharded_state(model, optimizer, is_loading=True, metadata=metadata)
     if not (load_rng and same_layout):
         sharded.pop("rng_state")
     try:
@@ -156,7 +224,7 @@ def load_checkpoint(root: str, model: List, optimizer=None, scheduler=None, load
     for i, chunk in enumerate(model):
         unwrap(chunk).load_state_dict(state[f"model{i}"])
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        _load_optimizer_state(optimizer, state["optimizer"])
     if scheduler is not None and state.get("opt_param_scheduler") is not None:
         scheduler.load_state_dict(state["opt_param_scheduler"])
     if "rng_state" in state:

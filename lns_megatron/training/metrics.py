@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Dict, Optional
@@ -28,6 +29,13 @@ def flops_per_iteration(c: PretrainConfig, padded_vocab_size: int) -> float:
     )
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    days, rest = divmod(seconds, 86400)
+    text = f"{rest // 3600:d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {text}" if days else text
+
+
 class MetricsLogger:
     """Only the last rank writes TensorBoard and prints the iteration line, as in Megatron-LM."""
 
@@ -44,6 +52,15 @@ class MetricsLogger:
         self.interval_iters = 0
         self.skipped = 0
         self.nan = 0
+
+    @contextlib.contextmanager
+    def untimed(self):
+        """Validation and checkpoint saves do not count as iteration time (as in Megatron-LM)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.interval_start += time.perf_counter() - start
 
     def scalar(self, name: str, value: float, iteration: int) -> None:
         if self.writer is not None:
@@ -77,12 +94,14 @@ class MetricsLogger:
                 f" throughput per GPU (TFLOP/s/GPU): {tflops:.3g} | tokens per second: {tokens_per_sec:.0f} |"
                 f" learning rate: {lr:.6E} | global batch size: {self.c.global_batch_size:5d} |"
                 f" lm loss: {loss:.6E} | loss scale: {loss_scale:.1f} | grad norm: {grad} |"
-                f" number of skipped iterations: {self.skipped:3d} | number of nan iterations: {self.nan:3d} |",
+                f" number of skipped iterations: {self.skipped:3d} | number of nan iterations: {self.nan:3d} |"
+                f" ETA: {_duration(elapsed * (self.c.train_iters - iteration))} |",
                 flush=True,
             )
         self.interval_start = time.perf_counter()
         self.interval_iters = 0
         self.skipped = 0
+        self.nan = 0
 
     def validation(self, iteration: int, loss: float) -> None:
         ppl = math.exp(min(20.0, loss))

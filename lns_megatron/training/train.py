@@ -9,8 +9,12 @@ parallel_state -> GPTModel (LNS spec) -> Float16Module (bf16) -> DDP -> distribu
 from __future__ import annotations
 
 import math
+import os
+import re
+import socket
+import time
 from functools import partial
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -21,16 +25,13 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
-from lns_megatron.config import PretrainConfig, validate
+from lns_megatron.config import ConfigError, PretrainConfig, validate
 from lns_megatron.data import datasets
 from lns_megatron.models.gpt import build_gpt_model, transformer_config
 from lns_megatron.schemes.lns import HAVE_TE
-from lns_megatron.training import checkpoint, distributed, probes
+from lns_megatron.training import checkpoint, distributed, probes, safety
+from lns_megatron.training.safety import NonFiniteError
 from lns_megatron.training.metrics import MetricsLogger
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 def build_model(c: PretrainConfig, vocab_size: int) -> List[torch.nn.Module]:
@@ -69,9 +70,9 @@ def build_optimizer(c: PretrainConfig, model):
         model,
     )
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=c.lr, min_lr=c.min_lr, lr_warmup_steps=c.lr_warmup_iters,
-        lr_decay_steps=c.lr_decay_iters, lr_decay_style=c.lr_decay_style,
-        start_wd=c.weight_decay, end_wd=c.weight_decay, wd_incr_steps=c.train_iters, wd_incr_style="constant",
+        optimizer, init_lr=0.0, **safety.schedule_settings(c),
+        use_checkpoint_opt_param_scheduler=c.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=c.override_opt_param_scheduler,
     )
     return optimizer, scheduler
 
@@ -114,13 +115,27 @@ def _run(model, iterators, c: PretrainConfig, forward_only: bool):
     )
 
 
-def train_step(model, optimizer, scheduler, iterators, c: PretrainConfig):
+def train_step(model, optimizer, iterators, c: PretrainConfig) -> float:
+    """Forward and backward of one global batch; the gradients are reduced, not yet applied."""
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = _run(model, iterators, c, forward_only=False)
-    loss = _mean_loss(losses)
-    return loss
+    return _mean_loss(_run(model, iterators, c, forward_only=False))
+
+
+def check_step_is_finite(loss: float, model, iteration: int, last_checkpoint) -> None:
+    """Megatron-LM's --check-for-nan-in-loss-and-grad, before the optimizer step."""
+    if math.isfinite(loss):
+        device = safety.grad_buffers(model)[0].device
+        if safety.finite_everywhere(safety.all_finite(safety.grad_buffers(model)), device):
+            return
+        what = f"the gradients hold NaN/Inf (lm loss {loss:.6g})"
+    else:
+        what = f"lm loss is {loss}"
+    raise NonFiniteError(
+        f"{what} at iteration {iteration}; the update was not applied and nothing was saved from this state; "
+        f"{safety.describe_last_checkpoint(last_checkpoint)} (lower --lr, raise --lr-warmup-iters or set "
+        "--clip-grad, and restart)")
 
 
 def evaluate(model, iterators, c: PretrainConfig) -> float:
@@ -135,17 +150,91 @@ def evaluate(model, iterators, c: PretrainConfig) -> float:
     return total / c.eval_iters
 
 
-def pretrain(c: PretrainConfig) -> dict:
-    """Train; returns {"losses": {iteration: loss}, "iteration": last} (for tests and scripts)."""
+class CollectiveError(RuntimeError):
+    """A collective failed: a rank is frozen (timeout) or gone (connection lost)."""
+
+
+def _collective_failure(error: RuntimeError, c: PretrainConfig, phase: str, last_checkpoint) -> Optional[str]:
+    text = str(error)
+    if "Timed out" in text or "timed out" in text:
+        op = re.search(r"for (\w+) operation", text)
+        what = (f"timed out after --distributed-timeout-minutes {c.distributed_timeout_minutes:g} waiting for the other "
+                f"ranks ({op.group(1) if op else 'a collective'}): a rank is frozen or its node is gone")
+    elif "Connection closed by peer" in text or "Connection reset" in text or "Broken pipe" in text:
+        what = "lost its connection to another rank, which died"
+    else:
+        return None
+    return (f"rank {dist.get_rank()} ({socket.gethostname()}) {what}, during {phase}; "
+            f"{safety.describe_last_checkpoint(last_checkpoint)}; restart the job")
+
+
+def prepare_resume(c: PretrainConfig):
+    """Before any memory is allocated: the checkpoint to resume and what it must agree with."""
+    directory = None
+    if c.load is not None:
+        directory, _ = checkpoint.latest_checkpoint(c.load)
+        saved = checkpoint.saved_config(directory)
+        if c.use_checkpoint_args:
+            taken = safety.apply_checkpoint_args(saved, c)
+            if taken and int(os.environ.get("RANK", "0")) == 0:
+                print(f"lns-pretrain: --use-checkpoint-args: {', '.join(taken)} (from {directory})", flush=True)
     validate(c, torch.cuda.is_available(), HAVE_TE)
     if c.data_path:
         datasets.check_data_paths(c)
     tokenizer = datasets.build_tokenizer_from_config(c)
-    if c.load is not None:
-        checkpoint.latest_checkpoint(c.load)  # a clear error before any memory is allocated
+    c.tokenizer_vocab_size = tokenizer.vocab_size
+    c.tokenizer_fingerprint = tokenizer.fingerprint
+    c.padded_vocab_size = datasets.padded_vocab_size(tokenizer.vocab_size, c.make_vocab_size_divisible_by,
+                                                     c.tensor_model_parallel_size)
+    notices = []
+    if directory is not None:
+        schedule = None if c.finetune else checkpoint.saved_schedule(directory)
+        notices = safety.compare_with_checkpoint(directory, saved, schedule, c,
+                                                 load_optimizer=not (c.finetune or c.no_load_optim))
+    return tokenizer, directory, notices
+
+
+def claim_save_directory(c: PretrainConfig):
+    """On rank 0: --save and --tensorboard-dir writable, --save free of other runs, its lock taken.
+    Every rank raises the same error if rank 0 finds one."""
+    lock, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            if c.save:
+                safety.check_writable("--save", c.save)
+                safety.check_save_directory(c)
+                lock = safety.RunLock(c.save).acquire()
+                if lock.notice:
+                    print(f"lns-pretrain: {lock.notice}", flush=True)
+            if c.tensorboard_dir:
+                safety.check_writable("--tensorboard-dir", c.tensorboard_dir)
+        except ConfigError as e:
+            error = str(e)
+            if lock is not None:
+                lock.release()
+    verdict = [error]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise ConfigError(verdict[0])
+    return lock
+
+
+def pretrain(c: PretrainConfig) -> dict:
+    """Train; returns {"losses": {iteration: loss}, "iteration": last} (for tests and scripts)."""
+    tokenizer, resume_from, notices = prepare_resume(c)
     distributed.initialize(c.tensor_model_parallel_size, c.pipeline_model_parallel_size,
-                           c.virtual_pipeline_model_parallel_size, seed=c.seed)
-    vocab = datasets.padded_vocab_size(tokenizer.vocab_size, c.make_vocab_size_divisible_by, c.tensor_model_parallel_size)
+                           c.virtual_pipeline_model_parallel_size, seed=c.seed,
+                           timeout_minutes=c.distributed_timeout_minutes)
+    lock = claim_save_directory(c)
+    try:
+        return _train(c, tokenizer, resume_from, notices)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(c: PretrainConfig, tokenizer, resume_from, notices) -> dict:
+    vocab = c.padded_vocab_size
     model = build_model(c, vocab)
     optimizer, scheduler = build_optimizer(c, model)
     config = model[0].config
@@ -157,12 +246,19 @@ def pretrain(c: PretrainConfig) -> dict:
         config.param_sync_func = [chunk.start_param_sync for chunk in model] if len(model) > 1 else model[0].start_param_sync
 
     iteration, consumed = 0, 0
-    if c.load is not None:
-        iteration, consumed = checkpoint.load_checkpoint(c.load, model, optimizer, scheduler)
+    if resume_from is not None:
+        iteration, consumed = checkpoint.load_checkpoint(
+            resume_from, model, optimizer=None if c.finetune or c.no_load_optim else optimizer,
+            scheduler=None if c.finetune else scheduler, load_rng=not (c.finetune or c.no_load_rng))
+        if c.finetune:
+            iteration, consumed = 0, 0
     start_iteration = iteration
+    last_checkpoint = resume_from
     train_ds, valid_ds, _ = datasets.build_datasets(c, tokenizer)
     train_iters = datasets.data_iterators(train_ds, c, consumed, len(model))
-    valid_iters = datasets.data_iterators(valid_ds, c, 0, len(model)) if c.eval_iters > 0 else None
+    # Megatron-LM: validation resumes where an uninterrupted run would be.
+    valid_consumed = iteration // c.eval_interval * c.eval_iters * c.global_batch_size
+    valid_iters = datasets.data_iterators(valid_ds, c, valid_consumed, len(model)) if c.eval_iters > 0 else None
     depth_batch = next(datasets.data_iterators(valid_ds or train_ds, c, 0, 1)[0]) if c.depth_log_interval else None
 
     logger = MetricsLogger(c, vocab)
@@ -171,24 +267,44 @@ def pretrain(c: PretrainConfig) -> dict:
               f"PP={c.pipeline_model_parallel_size} VPP={c.virtual_pipeline_model_parallel_size} DP={c.data_parallel_size} | "
               f"{c.num_microbatches} micro-batches of {c.micro_batch_size} | vocab {tokenizer.vocab_size} (padded {vocab})",
               flush=True)
+        if resume_from is not None:
+            what = "weights only (--finetune)" if c.finetune else f"iteration {iteration}" + (
+                ", fresh Adam state (--no-load-optim)" if c.no_load_optim else "")
+            print(f"lns-pretrain: loaded {resume_from}: {what}", flush=True)
+        for notice in notices:
+            print(f"lns-pretrain: resuming with a changed data setting: {notice}", flush=True)
     if logger.is_writer and iteration >= c.train_iters:
         print(f"lns-pretrain: the checkpoint is at iteration {iteration}, --train-iters is {c.train_iters}: "
-              "nothing to train (raise --train-iters to continue)", flush=True)
+              "nothing to train (raise --train-iters, with --override-opt_param-scheduler to extend the schedule)",
+              flush=True)
+
+    def save(iteration):
+        nonlocal last_checkpoint
+        safety.check_finite_state(model, optimizer, iteration, last_checkpoint)
+        start = time.perf_counter()
+        with logger.untimed():
+            last_checkpoint = checkpoint.save_checkpoint(c.save, iteration, consumed, model, optimizer, scheduler, c)
+        if dist.get_rank() == 0:
+            print(f"lns-pretrain: saved checkpoint to {last_checkpoint} at iteration {iteration} in "
+                  f"{time.perf_counter() - start:.1f} s", flush=True)
+
     losses = {}
-    config_json = c.to_json()
+    phase = "start-up"
     try:
         while iteration < c.train_iters:
-            loss = train_step(model, optimizer, scheduler, train_iters, c)
+            phase = f"the forward and backward pass of iteration {iteration + 1}"
+            loss = train_step(model, optimizer, train_iters, c)
             iteration += 1
-            if not math.isfinite(loss):
+            if c.check_for_nan_in_loss_and_grad:
+                check_step_is_finite(loss, model, iteration, last_checkpoint)
+            elif not math.isfinite(loss):
                 logger.nan += 1
-                raise NonFiniteLossError(
-                    f"lm loss is {loss} at iteration {iteration}; stopping without saving a checkpoint from this state "
-                    "(lower --lr, raise --lr-warmup-iters or --clip-grad, and resume from the last checkpoint)"
-                )
             depth_due = c.depth_log_interval and iteration % c.depth_log_interval == 0
             grad_norms = probes.layer_grad_norms(model, optimizer, c.num_layers) if depth_due else None
+            phase = f"the optimizer step of iteration {iteration}"
             update_ok, grad_norm, _ = optimizer.step()
+            if c.clip_grad == 0 and update_ok:  # megatron computes the norm only to clip
+                grad_norm = optimizer.get_grad_norm()
             if update_ok:
                 scheduler.step(increment=1)
             consumed += c.global_batch_size
@@ -196,19 +312,31 @@ def pretrain(c: PretrainConfig) -> dict:
             logger.training_step(iteration, consumed, loss, scheduler.get_lr(optimizer.param_groups[0]),
                                  grad_norm, optimizer.get_loss_scale().item(), skipped=not update_ok)
             if depth_due:
+                phase = f"the depth diagnostics of iteration {iteration}"
                 stats = probes.hidden_state_stats(model, depth_batch, forward_step, c.num_layers, c.seq_length,
-                                                       c.sequence_parallel)
+                                                  c.sequence_parallel)
                 stats["grad-norm"] = grad_norms
                 logger.depth(iteration, stats)
-            if valid_iters and c.eval_interval and iteration % c.eval_interval == 0:
-                logger.validation(iteration, evaluate(model, valid_iters, c))
+            if valid_iters and iteration % c.eval_interval == 0:
+                phase = f"the validation at iteration {iteration}"
+                with logger.untimed():
+                    logger.validation(iteration, evaluate(model, valid_iters, c))
             if c.save and c.save_interval and iteration % c.save_interval == 0:
-                checkpoint.save_checkpoint(c.save, iteration, consumed, model, optimizer, scheduler, config_json)
+                phase = f"the checkpoint save at iteration {iteration}"
+                save(iteration)
             if c.exit_interval and iteration >= c.exit_interval:
                 break
         trained = iteration > start_iteration
         if c.save and trained and not (c.save_interval and iteration % c.save_interval == 0):
-            checkpoint.save_checkpoint(c.save, iteration, consumed, model, optimizer, scheduler, config_json)
+            phase = f"the checkpoint save at iteration {iteration}"
+            save(iteration)
+    except RuntimeError as e:
+        if isinstance(e, NonFiniteError):
+            raise
+        message = _collective_failure(e, c, phase, last_checkpoint)
+        if message is None:
+            raise
+        raise CollectiveError(message) from None
     finally:
         logger.close()
     return {"losses": losses, "iteration": iteration}

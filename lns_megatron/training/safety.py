@@ -1,0 +1,296 @@
+"""Run guards: what keeps a long cluster run from being lost or silently corrupted.
+
+- :func:`compare_with_checkpoint` -- a resume trains the model it loads: architecture and tokenizer
+  must match the checkpoint (Megatron-LM's ``check_checkpoint_args``, plus the tokenizer files), the
+  learning-rate schedule must match unless ``--override-opt_param-scheduler`` or
+  ``--use-checkpoint-opt_param-scheduler`` says which wins, and the optimizer state must be loadable
+  into this run's optimizer and layout;
+- :class:`RunLock` -- one run per ``--save`` directory, with stale locks of dead runs taken over;
+- :func:`check_writable` -- ``--save`` and ``--tensorboard-dir`` are found unwritable at start, not at
+  the first save hours later;
+- :func:`check_finite` -- NaN/Inf in the loss, the gradients or the state to be saved stop the run.
+
+Every failure is one line that names the flag or file and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from typing import Iterable, List, Optional
+
+import torch
+
+from lns_megatron.config import ConfigError, PretrainConfig, flag_name
+
+# What defines the function the checkpoint computes: a resume with other values is refused.
+ARCHITECTURE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                "max_position_embeddings", "normalization", "norm_epsilon", "apply_layernorm_1p", "qk_layernorm",
+                "swiglu", "disable_bias_linear", "position_embedding_type", "rotary_base",
+                "untie_embeddings_and_output_weights", "norm_scheme")
+TOKENIZER = ("tokenizer_type", "tokenizer_vocab_size", "tokenizer_fingerprint")
+# What a resume may change on purpose (another data blend for annealing, a longer context): said, not refused.
+DATA = ("data_path", "split", "mock_data", "seq_length", "global_batch_size")
+# Flags --use-checkpoint-args takes from the checkpoint.
+CHECKPOINT_ARGS = ARCHITECTURE + ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size",
+                                  "make_vocab_size_divisible_by")
+DERIVED_LABELS = {
+    "tokenizer_vocab_size": "tokenizer vocabulary (--vocab-size, --tokenizer-model)",
+    "tokenizer_fingerprint": "tokenizer files (--tokenizer-model, --vocab-file, --merge-file)",
+    "padded_vocab_size": "padded vocabulary rows",
+}
+# The scheduler's own state names -> the flags that set them.
+SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters",
+                  "lr_decay_steps": "--lr-decay-iters (default: --train-iters)", "lr_decay_style": "--lr-decay-style",
+                  "start_wd": "--weight-decay", "end_wd": "--weight-decay", "wd_incr_steps": "--lr-decay-iters"}
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or Inf where training needs finite numbers; nothing was applied or saved from it."""
+
+
+def _label(name: str) -> str:
+    return DERIVED_LABELS.get(name) or flag_name(name)
+
+
+def differences(saved: dict, c: PretrainConfig, names: Iterable[str]) -> List[str]:
+    """``--flag: checkpoint X, now Y`` for each name whose value differs (names the checkpoint lacks,
+    from older versions, are not compared)."""
+    out = []
+    for name in names:
+        if name in saved and saved[name] != getattr(c, name):
+            out.append(f"{_label(name)}: checkpoint {saved[name]}, now {getattr(c, name)}")
+    return out
+
+
+def apply_checkpoint_args(saved: dict, c: PretrainConfig) -> List[str]:
+    """--use-checkpoint-args: the model and tokenizer flags become the checkpoint's; returns what changed."""
+    taken = []
+    for name in CHECKPOINT_ARGS:
+        if name in saved and saved[name] != getattr(c, name):
+            taken.append(f"{flag_name(name)} {saved[name]}")
+            setattr(c, name, saved[name])
+    return taken
+
+
+def schedule_settings(c: PretrainConfig) -> dict:
+    """The OptimizerParamScheduler settings of these flags (what the scheduler checkpoints)."""
+    return dict(max_lr=c.lr, min_lr=c.min_lr, lr_warmup_steps=c.lr_warmup_iters, lr_decay_steps=c.lr_decay_iters,
+                lr_decay_style=c.lr_decay_style, start_wd=c.weight_decay, end_wd=c.weight_decay,
+                wd_incr_steps=c.lr_decay_iters, wd_incr_style="constant")
+
+
+def compare_with_checkpoint(directory: str, saved: dict, saved_schedule: Optional[dict], c: PretrainConfig,
+                            load_optimizer: bool) -> List[str]:
+    """Refuse a resume that would train another model; returns the notices of deliberate changes."""
+    where = f"--load {directory}"
+    mismatched = differences(saved, c, ARCHITECTURE + TOKENIZER)
+    if mismatched:
+        raise ConfigError(f"{where} holds another model or tokenizer: {'; '.join(mismatched)}. Pass the "
+                          "checkpoint's values, or --use-checkpoint-args to take them from it")
+    if "padded_vocab_size" in saved and saved["padded_vocab_size"] != c.padded_vocab_size:
+        raise ConfigError(
+            f"{where}: the vocabulary is padded to {saved['padded_vocab_size']} rows in the checkpoint and to "
+            f"{c.padded_vocab_size} now (--make-vocab-size-divisible-by {c.make_vocab_size_divisible_by} x "
+            f"--tensor-model-parallel-size {c.tensor_model_parallel_size}); choose --make-vocab-size-divisible-by "
+            "so that the padding matches")
+    if saved_schedule is not None and not c.use_checkpoint_opt_param_scheduler and not c.override_opt_param_scheduler:
+        new = schedule_settings(c)
+        changed = sorted({SCHEDULE_FLAGS[k] + f": checkpoint {saved_schedule[k]}, now {new[k]}"
+                          for k in SCHEDULE_FLAGS if k in saved_schedule and saved_schedule[k] != new[k]})
+        if changed:
+            raise ConfigError(
+                f"{where}: the learning-rate schedule differs from the checkpoint's: {'; '.join(changed)}. Pass "
+                "--override-opt_param-scheduler to follow the new flags from this iteration on, or "
+                "--use-checkpoint-opt_param-scheduler to keep the checkpoint's schedule")
+    if load_optimizer:
+        _check_optimizer_state(where, saved, c)
+    return differences(saved, c, DATA)
+
+
+def _check_optimizer_state(where: str, saved: dict, c: PretrainConfig) -> None:
+    """megatron-core maps Adam state between layouts only within one kind of optimizer."""
+    fix = "pass --no-load-optim to load the weights, iteration and schedule with fresh Adam moments"
+    for name, kind in (("use_distributed_optimizer", "the distributed optimizer"), ("bf16", "bf16 main weights")):
+        if name in saved and saved[name] != getattr(c, name):
+            raise ConfigError(f"{where}: {flag_name(name)}: checkpoint {saved[name]}, now {getattr(c, name)}: "
+                              f"megatron-core cannot map Adam state saved with and without {kind}; {fix}, or "
+                              "match the checkpoint")
+    if not c.use_distributed_optimizer or saved.get("dist_ckpt_optim_fully_reshardable", True):
+        return
+    layout = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage")
+    changed = differences(saved, c, layout)
+    if changed:
+        raise ConfigError(f"{where}: its distributed-optimizer state is saved per data-parallel shard, which loads "
+                          f"at another data-parallel size but not at another model-parallel layout ({'; '.join(changed)})"
+                          f"; {fix}, or resume once at the checkpoint's layout and save with "
+                          "--dist-ckpt-optim-fully-reshardable")
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+def check_writable(flag: str, directory: str) -> None:
+    """Create ``directory`` and write a file into it, or fail with one line."""
+    probe = os.path.join(directory, f".write-test-{socket.gethostname()}-{os.getpid()}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"{flag} {directory} is not writable ({e.strerror or e}); choose a directory this job "
+                          "can write to") from None
+
+
+def _process_start(pid: int) -> Optional[str]:
+    """The start time of ``pid`` (clock ticks since boot), or None if it is not running."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+class RunLock:
+    """An exclusive lock on a ``--save`` directory, held by rank 0 for the life of the run.
+
+    The lock file names the host, the process and its start time, and a thread touches it every
+    ``HEARTBEAT_S``. A lock is stale, and is taken over with a message, when its process is gone
+    (same host) or its heartbeat is older than ``STALE_AFTER_S`` (another host, whose processes
+    cannot be seen from here).
+    """
+
+    FILE = ".lns-pretrain.lock"
+    HEARTBEAT_S = 30.0
+    STALE_AFTER_S = 300.0
+
+    def __init__(self, directory: str):
+        self.path = os.path.join(directory, self.FILE)
+        self.me = dict(host=socket.gethostname(), pid=os.getpid(), start=_process_start(os.getpid()),
+                       since=time.strftime("%Y-%m-%d %H:%M:%S"))
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.notice: Optional[str] = None  # set when a stale lock was taken over
+
+    def _holder(self) -> Optional[dict]:
+        try:
+            with open(self.path) as f:
+                holder = json.load(f)
+            holder["age"] = time.time() - os.path.getmtime(self.path)
+            return holder
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {"host": "?", "pid": -1, "start": None, "age": 0.0}  # torn: treat as live until it ages
+
+    def _is_live(self, holder: dict) -> bool:
+        if holder["host"] == self.me["host"] and holder.get("pid", -1) > 0:
+            return _process_start(holder["pid"]) == holder.get("start")
+        return holder["age"] < self.STALE_AFTER_S
+
+    def acquire(self) -> "RunLock":
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None:
+                    continue  # released meanwhile
+                if self._is_live(holder):
+                    raise ConfigError(
+                        f"--save {os.path.dirname(self.path)} is in use by another run (pid {holder.get('pid')} on "
+                        f"{holder.get('host')}, since {holder.get('since', '?')}, seen {holder['age']:.0f} s ago); "
+                        f"stop it or choose another --save (a dead run's lock, {self.path}, is taken over "
+                        "automatically)")
+                os.remove(self.path)
+                self.notice = (f"took over the stale lock of pid {holder.get('pid')} on {holder.get('host')} "
+                               f"(gone, last seen {holder['age']:.0f} s ago) in {os.path.dirname(self.path)}")
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.me, f)
+            self._thread = threading.Thread(target=self._heartbeat, name="lns-save-lock", daemon=True)
+            self._thread.start()
+            return self
+        raise ConfigError(f"--save {os.path.dirname(self.path)}: could not take the lock {self.path}; another run "
+                          "is starting there")
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        holder = self._holder()
+        if holder is not None and holder.get("pid") == self.me["pid"] and holder.get("host") == self.me["host"]:
+            os.remove(self.path)
+
+
+def check_save_directory(c: PretrainConfig) -> None:
+    """A --save that holds another run is refused unless --load resumes that run."""
+    from lns_megatron.training.checkpoint import TRACKER
+
+    tracker = os.path.join(c.save, TRACKER)
+    if not os.path.isfile(tracker):
+        return
+    if c.load is not None:
+        save, load = os.path.realpath(c.save), os.path.realpath(c.load)
+        if os.path.commonpath([save, load]) == save:  # --load is --save or one of its iter_* directories
+            return
+    iteration = open(tracker).read().strip()
+    raise ConfigError(f"--save {c.save} already holds a run (checkpoints up to iteration {iteration}); resume it "
+                      f"with --load {c.save}, or choose an empty --save so that its checkpoints are not overwritten")
+
+
+# ------------------------------------------------------------------------------------ non-finite
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """True if every element of every tensor is finite (one fused reduction per tensor)."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None and t.numel())
+
+
+def grad_buffers(model: List) -> List[torch.Tensor]:
+    """megatron DDP's contiguous gradient buffers of every model chunk."""
+    return [buffer.grad_data for chunk in model
+            for buffer in getattr(chunk, "buffers", []) + getattr(chunk, "expert_parallel_buffers", [])]
+
+
+def optimizer_state_tensors(optimizer) -> List[torch.Tensor]:
+    """The main parameters and the Adam moments of every (chained) megatron optimizer."""
+    tensors = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        tensors += [p for group in inner.param_groups for p in group["params"]]
+        tensors += [v for state in inner.state.values() for v in state.values() if torch.is_tensor(v)]
+    return tensors
+
+
+def describe_last_checkpoint(last: Optional[str]) -> str:
+    """Where to resume from, for the last words of a run that stops."""
+    return f"the last good checkpoint is {last}" if last else "no checkpoint was saved before"
+
+
+def check_finite_state(model: List, optimizer, iteration: int, last: Optional[str]) -> None:
+    """Before a save: every weight and optimizer tensor finite on every rank, else stop without saving."""
+    tensors = [p for chunk in model for p in chunk.parameters()] + optimizer_state_tensors(optimizer)
+    if not finite_everywhere(all_finite(tensors), tensors[0].device):
+        raise NonFiniteError(f"the model or optimizer state holds NaN/Inf at iteration {iteration}; it was not "
+                             f"saved and {describe_last_checkpoint(last)}")
+
+
+def finite_everywhere(ok: bool, device) -> bool:
+    """All-reduce of a local verdict over every rank (False wins)."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() == 1.0)
