@@ -31,6 +31,28 @@ LLAMA_ARCH = dict(normalization="RMSNorm", swiglu=True, disable_bias_linear=True
                   untie_embeddings_and_output_weights=True, seq_length=1024, max_position_embeddings=1024)
 
 
+# The runs of Sun et al. (lmsdss/LayerNorm-Scaling): Adam without weight decay or clipping, cosine to a tenth
+# of the peak after 10% linear warmup, bf16, RMSNorm eps 1e-6, untied embeddings, plain N(0, 0.02) init,
+# 512 sequences of 256 tokens per step. Peak lr and steps by model size:
+PAPER_RECIPE = dict(adam_beta1=0.9, adam_beta2=0.999, weight_decay=0.0, clip_grad=0.0, lr_decay_style="cosine",
+                    lr_warmup_fraction=0.1, bf16=True, norm_epsilon=1e-6, untie_embeddings_and_output_weights=True,
+                    init_method_std=0.02, output_layer_init="plain", global_batch_size=512, seq_length=256,
+                    max_position_embeddings=256)
+PAPER_SCHEDULES = {"llama-130m": (1e-3, 20000), "llama-250m": (1e-3, 40000), "llama-350m": (5e-4, 60000),
+                   "llama-1b": (5e-4, 100000)}
+PAPER_MIN_LR_RATIO = 0.1
+
+
+def recipe_values(recipe: str, preset: Optional[str]) -> dict:
+    """The flags a --recipe fills (explicit flags still win). Presets outside the paper take its small-model lr."""
+    values = dict(PAPER_RECIPE)
+    lr, steps = PAPER_SCHEDULES.get(preset, (1e-3, None))
+    values["lr"] = lr
+    if steps is not None:
+        values["train_iters"] = steps
+    return values
+
+
 class ConfigError(ValueError):
     """Bad input: the message names the flag and the fix."""
 
@@ -48,6 +70,8 @@ def _flag(help: str, default=None, flag: Optional[str] = None, **kw):
 class PretrainConfig:
     # Model
     preset: Optional[str] = _flag("fill the model flags from a named shape", choices=sorted(PRESETS))
+    recipe: Optional[str] = _flag("fill the optimizer, schedule, precision, norm-eps, batch and sequence flags (and "
+                                  "lr/steps by --preset) from the paper's runs", choices=["paper"])
     num_layers: Optional[int] = _flag("transformer layers", **POSITIVE)
     hidden_size: Optional[int] = _flag("hidden size", **POSITIVE)
     ffn_hidden_size: Optional[int] = _flag("MLP hidden size (default 4 * hidden)", **POSITIVE)
@@ -65,7 +89,12 @@ class PretrainConfig:
     rotary_base: int = _flag("RoPE base", 10000, **POSITIVE)
     untie_embeddings_and_output_weights: bool = _flag("separate input embedding and output layer", False)
     init_method_std: float = _flag("std of the normal init", 0.02, **POSITIVE)
-    depth_scaled_output_init: bool = _flag("output layers init std/sqrt(2L) even with LNS (off by the paper's advice)", False)
+    output_layer_init: str = _flag("init of linear_proj and linear_fc2, the same for every --norm-scheme: plain "
+                                   "N(0, std) (the paper's, for both arms) or scaled N(0, std/sqrt(2L)) (megatron's)",
+                                   "plain", choices=["plain", "scaled"])
+    embedding_init_method_std: Optional[float] = _flag("std of the embedding init (default: --init-method-std)",
+                                                       **POSITIVE)
+    depth_scaled_output_init: bool = _flag("the same as --output-layer-init scaled (kept for old command lines)", False)
     transformer_impl: str = _flag("layer implementation", "local", choices=["local", "transformer_engine"])
     norm_scheme: str = _flag("pre: Pre-LN; lns: LayerNorm Scaling 1/sqrt(layer)", "lns", choices=["pre", "lns"])
     make_vocab_size_divisible_by: int = _flag("pad the vocabulary to a multiple of this times TP", 128, **POSITIVE)
@@ -214,7 +243,13 @@ def parse_args(argv=None) -> PretrainConfig:
     if "preset" in explicit:
         values.update(LLAMA_ARCH)
         values.update(PRESETS[explicit["preset"]])
+    if "recipe" in explicit:
+        values.update(recipe_values(explicit["recipe"], explicit.get("preset")))
+        if "lr_warmup_iters" in explicit:
+            values.pop("lr_warmup_fraction")
     values.update(explicit)
+    if "recipe" in explicit and "min_lr" not in explicit:
+        values["min_lr"] = PAPER_MIN_LR_RATIO * values["lr"]
     config = PretrainConfig(**values)
     config.world_size = int(os.environ.get("WORLD_SIZE", "1"))
     fill_defaults(config)
@@ -230,6 +265,8 @@ def fill_defaults(c: PretrainConfig) -> None:
         c.max_position_embeddings = c.seq_length
     if c.lr_decay_iters is None:
         c.lr_decay_iters = c.train_iters
+    if c.depth_scaled_output_init:
+        c.output_layer_init = "scaled"
     if c.lr_warmup_fraction is not None and c.lr_decay_iters is not None:  # Megatron-LM: a fraction of the decay
         c.lr_warmup_iters = int(c.lr_warmup_fraction * c.lr_decay_iters)
 

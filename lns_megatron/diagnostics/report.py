@@ -37,6 +37,7 @@ from lns_megatron.training.checkpoint import CheckpointError, LoadedModel, load_
 from lns_megatron.training.probes import angular_distance, layer_input, layer_output
 
 REPORT_FILE = "report.json"
+NOISE_MULTIPLE = 2.0  # a layer counts toward the effective depth when its Δloss exceeds this many standard errors
 PLOTS = ("variance.png", "angular_distance.png", "layer_removal.png", "contribution.png")
 
 
@@ -62,14 +63,16 @@ class DepthReport:
     relative_contribution: List[float]  # mean over tokens of ||h_l - h_{l-1}|| / ||h_{l-1}||
     logit_lens_kl: List[float]  # mean over tokens of KL(p_l || p_L), nats
     removal_loss: List[float]  # loss with layer l skipped
-    removal_delta_loss: List[float]  # removal_loss - loss
+    removal_delta_loss: List[float]  # removal_loss - loss (signed: < 0 means the model is better without it)
+    removal_delta_loss_stderr: List[float]  # standard error of removal_delta_loss across the windows
     removal_perplexity: List[float]
     removal_delta_perplexity: List[float]
     # angular_distance_*[l][n-1] = d(l, l+n): l = 0..L-1 (h_0 = embeddings), n = 1..L-l
     angular_distance_all_tokens: List[List[float]]
     angular_distance_last_token: List[List[float]]
     threshold: float
-    effective_depth: int  # layers whose removal changes the loss by more than `threshold`
+    effective_depth: int  # layers whose removal raises the loss by more than max(threshold, 2 x its stderr)
+    effective_layers: List[int] = field(default_factory=list)
     embedding_norm: float = 0.0  # mean ||h_0||
     data: str = ""
     layout: str = field(default="per-layer lists: index i is layer i+1 (1-based, global); angular_distance[l][n-1] "
@@ -140,24 +143,31 @@ def forward_logits(gpt_model, tokens: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------- data
 
 
-def _windows(stream: List[int], seq_length: int, num_samples: int, source: str) -> torch.Tensor:
-    """``num_samples`` non-overlapping windows of ``seq_length + 1`` tokens (inputs + next token)."""
+def _draw(total_tokens: int, seq_length: int, num_samples: int, seed: int, source: str) -> np.ndarray:
+    """Start offsets of ``num_samples`` windows of ``seq_length + 1`` tokens, drawn at random (seeded) without
+    overlap from the whole stream, in increasing order."""
     width = seq_length + 1
-    available = len(stream) // width
+    available = total_tokens // width
     if available == 0:
-        raise ReportError(f"{source}: {len(stream)} tokens, fewer than one sample of {width} "
+        raise ReportError(f"{source}: {total_tokens} tokens, fewer than one sample of {width} "
                           f"(--seq-length {seq_length} + 1); give more text or a shorter --seq-length")
     n = min(num_samples, available)
     if n < num_samples:
-        print(f"depth-report: {source} holds only {n} samples of {width} tokens (asked for {num_samples})", flush=True)
-    return torch.tensor(np.asarray(stream[: n * width], dtype=np.int64).reshape(n, width))
+        print(f"depth_report: {source} holds only {n} samples of {width} tokens (asked for {num_samples})", flush=True)
+    slots = np.random.default_rng(seed).choice(available, size=n, replace=False)
+    return np.sort(slots) * width
 
 
-def _jsonl_windows(path, json_key, tokenizer, seq_length, num_samples):
+def _windows(stream: List[int], seq_length: int, num_samples: int, seed: int, source: str) -> torch.Tensor:
+    starts = _draw(len(stream), seq_length, num_samples, seed, source)
+    stream = np.asarray(stream, dtype=np.int64)
+    return torch.tensor(np.stack([stream[s:s + seq_length + 1] for s in starts]))
+
+
+def _jsonl_windows(path, json_key, tokenizer, seq_length, num_samples, seed):
     if not os.path.isfile(path):
         raise ReportError(f"--input {path}: no such file; give a JSON-lines file with a {json_key!r} field per line")
     stream: List[int] = []
-    need = num_samples * (seq_length + 1)
     with open(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -171,12 +181,10 @@ def _jsonl_windows(path, json_key, tokenizer, seq_length, num_samples):
                 stream += tokenizer.tokenize(text) + [tokenizer.eod]
             except ValueError as e:  # e.g. NullTokenizer text that is not integer ids
                 raise ReportError(f"--input {path}:{number}: the {tokenizer.kind} cannot tokenize it ({e})") from None
-            if len(stream) >= need:
-                break
-    return _windows(stream, seq_length, num_samples, f"--input {path}")
+    return _windows(stream, seq_length, num_samples, seed, f"--input {path}")
 
 
-def _indexed_windows(prefix, split, seq_length, num_samples, vocab_limit):
+def _indexed_windows(prefix, split, seq_length, num_samples, vocab_limit, seed):
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix,
         parse_and_normalize_split,
@@ -195,14 +203,22 @@ def _indexed_windows(prefix, split, seq_length, num_samples, vocab_limit):
             raise ReportError(f"--split {split}: the validation split is empty; give it a weight, e.g. --split 0,1,0 "
                               "to use every document")
         first, last = (int(round(b * len(dataset))) for b in bounds)
-    stream: List[int] = []
-    need = num_samples * (seq_length + 1)
-    for i in range(first, last):
-        stream += dataset[i].astype(np.int64).tolist()
-        if len(stream) >= need:
-            break
+    # The documents [first, last) as one stream; each window may span documents, as GPTDataset's samples do.
+    ends = np.cumsum(dataset.sequence_lengths[first:last].astype(np.int64))
+    source = f"--data-path {prefix} (documents {first}..{last})"
+    rows = []
+    for start in _draw(int(ends[-1]) if len(ends) else 0, seq_length, num_samples, seed, source):
+        doc = int(np.searchsorted(ends, start, side="right"))
+        offset = int(start - (ends[doc - 1] if doc else 0))
+        pieces, need = [], seq_length + 1
+        while need:
+            piece = dataset.get(first + doc, offset=offset, length=min(need, int(dataset.sequence_lengths[first + doc]) - offset))
+            pieces.append(piece.astype(np.int64))
+            need -= len(piece)
+            doc, offset = doc + 1, 0
+        rows.append(np.concatenate(pieces))
     del dataset
-    windows = _windows(stream, seq_length, num_samples, f"--data-path {prefix} (documents {first}..{last})")
+    windows = torch.tensor(np.stack(rows))
     if int(windows.max()) >= vocab_limit:
         raise ReportError(f"--data-path {prefix}: token id {int(windows.max())} is outside the model's vocabulary "
                           f"({vocab_limit}); the data was prepared with another tokenizer")
@@ -210,14 +226,15 @@ def _indexed_windows(prefix, split, seq_length, num_samples, vocab_limit):
 
 
 def _mock_windows(c, tokenizer, seq_length, num_samples, seed):
-    """Held-out samples of megatron's MockGPTDataset (what a --mock-data run trained on)."""
+    """Held-out samples of megatron's MockGPTDataset (what a --mock-data run trained on), drawn at random."""
     from lns_megatron.data import datasets
 
     mock = dataclasses.replace(c, mock_data=True, data_path=None, seq_length=seq_length, train_iters=1,
-                               eval_interval=1, eval_iters=1, global_batch_size=num_samples, seed=seed,
+                               eval_interval=1, eval_iters=1, global_batch_size=4 * num_samples, seed=seed,
                                split="0,1,0", data_cache_path=None)
     valid = datasets.build_datasets(mock, tokenizer)[1]
-    samples = [valid[i] for i in range(num_samples)]
+    picks = np.random.default_rng(seed).choice(len(valid), size=min(num_samples, len(valid)), replace=False)
+    samples = [valid[int(i)] for i in np.sort(picks)]
     return torch.stack([torch.cat([torch.as_tensor(s["tokens"]), torch.as_tensor(s["labels"])[-1:]])
                         for s in samples]).long()
 
@@ -230,20 +247,21 @@ def held_out_windows(loaded: LoadedModel, args) -> (torch.Tensor, str):
         raise ReportError(f"--seq-length {seq} exceeds the model's --max-position-embeddings "
                           f"{c.max_position_embeddings}; give a shorter --seq-length")
     if args.input:
-        return (_jsonl_windows(args.input, args.json_key, loaded.tokenizer, seq, args.num_samples),
+        return (_jsonl_windows(args.input, args.json_key, loaded.tokenizer, seq, args.num_samples, args.seed),
                 f"--input {args.input} ({loaded.tokenizer.kind})")
     if args.data_path:
         split = args.split
         if split is None and c.data_path and args.data_path in c.data_path:
             split = c.split  # the run's own data: use its validation split only
         where = f"--data-path {args.data_path}" + (f" (validation part of split {split})" if split else "")
-        return _indexed_windows(args.data_path, split, seq, args.num_samples, loaded.model.vocab_size), where
+        windows = _indexed_windows(args.data_path, split, seq, args.num_samples, loaded.model.vocab_size, args.seed)
+        return windows, where
     if args.mock_data or c.mock_data:
         return (_mock_windows(c, loaded.tokenizer, seq, args.num_samples, args.seed),
                 f"megatron MockGPTDataset (seed {args.seed})")
     if c.data_path:
         prefix = c.data_path[-1]
-        return (_indexed_windows(prefix, c.split, seq, args.num_samples, loaded.model.vocab_size),
+        return (_indexed_windows(prefix, c.split, seq, args.num_samples, loaded.model.vocab_size, args.seed),
                 f"--data-path {prefix} (validation part of split {c.split}, from the run's config)")
     raise ReportError("no held-out data: give --input FILE.jsonl, --data-path PREFIX or --mock-data")
 
@@ -261,11 +279,12 @@ def analyze(loaded: LoadedModel, windows: torch.Tensor, *, label: str, micro_bat
     total, sumsq, count = torch.zeros(L, **f64), torch.zeros(L, **f64), 0
     norm, contribution, kl = torch.zeros(L, **f64), torch.zeros(L, **f64), torch.zeros(L, **f64)
     ang_all, ang_last = torch.zeros(L + 1, L + 1, **f64), torch.zeros(L + 1, L + 1, **f64)
-    loss_sum, removal_sum = 0.0, torch.zeros(L, **f64)
+    window_nll, removal_nll = [], [[] for _ in range(L)]  # per window: what the noise is measured on
     embedding_norm, tokens_seen, samples_seen = 0.0, 0, 0
 
-    def nll(logits, labels):
-        return F.cross_entropy(logits.double().flatten(0, 1), labels.flatten(), reduction="sum").item()
+    def nll(logits, labels):  # [batch]: the summed cross entropy of each window
+        return F.cross_entropy(logits.double().flatten(0, 1), labels.flatten(), reduction="none").view(
+            labels.shape).sum(1).cpu()
 
     for start in range(0, len(windows), micro_batch_size):
         batch = windows[start:start + micro_batch_size].to(device)
@@ -274,7 +293,7 @@ def analyze(loaded: LoadedModel, windows: torch.Tensor, *, label: str, micro_bat
             logits = forward_logits(model, tokens)
         states = [h.double().cpu() for h in rec.states]  # L+1 of [s, b, h]
         assert len(states) == L + 1, f"recorded {len(states)} hidden states for {L} layers"
-        loss_sum += nll(logits, labels)
+        window_nll.append(nll(logits, labels))
         final_logp = F.log_softmax(logits.double(), dim=-1)
         n_tok = tokens.numel()
         prev_norm = states[0].norm(dim=-1)
@@ -297,14 +316,20 @@ def analyze(loaded: LoadedModel, windows: torch.Tensor, *, label: str, micro_bat
                 ang_last[l, m] += d[-1].sum()
         for k in range(L):
             with skipped_layer(model, k):
-                removal_sum[k] += nll(forward_logits(model, tokens), labels)
+                removal_nll[k].append(nll(forward_logits(model, tokens), labels))
         tokens_seen += n_tok
         samples_seen += tokens.shape[0]
 
-    loss = loss_sum / tokens_seen
-    removal = (removal_sum / tokens_seen).tolist()
+    per_window = tokens_seen / samples_seen
+    base = torch.cat(window_nll)
+    loss = base.sum().item() / tokens_seen
+    removal = [torch.cat(r).sum().item() / tokens_seen for r in removal_nll]
+    # Δloss of each layer, window by window: its standard error is the noise a layer's Δloss must exceed.
+    window_delta = [(torch.cat(r) - base) / per_window for r in removal_nll]
+    stderr = [d.std().item() / math.sqrt(len(d)) if len(d) > 1 else float("inf") for d in window_delta]
     mean = total / count
     delta = [r - loss for r in removal]
+    needed = [max(threshold, NOISE_MULTIPLE * e) for e in stderr]
     ang_all /= tokens_seen
     ang_last /= samples_seen
     return DepthReport(
@@ -315,12 +340,13 @@ def analyze(loaded: LoadedModel, windows: torch.Tensor, *, label: str, micro_bat
         hidden_norm=(norm / tokens_seen).tolist(),
         relative_contribution=(contribution / tokens_seen).tolist(),
         logit_lens_kl=(kl / tokens_seen).tolist(),
-        removal_loss=removal, removal_delta_loss=delta,
+        removal_loss=removal, removal_delta_loss=delta, removal_delta_loss_stderr=stderr,
         removal_perplexity=[math.exp(r) for r in removal],
         removal_delta_perplexity=[math.exp(r) - math.exp(loss) for r in removal],
         angular_distance_all_tokens=[ang_all[l, l + 1:].tolist() for l in range(L)],
         angular_distance_last_token=[ang_last[l, l + 1:].tolist() for l in range(L)],
-        threshold=threshold, effective_depth=sum(abs(d) > threshold for d in delta),
+        threshold=threshold, effective_depth=sum(d > n for d, n in zip(delta, needed)),
+        effective_layers=[l + 1 for l, (d, n) in enumerate(zip(delta, needed)) if d > n],
         embedding_norm=embedding_norm / tokens_seen, data=data,
     )
 
@@ -341,12 +367,18 @@ def plot(reports: List[DepthReport], directory: str) -> List[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     colors = ["tab:red", "tab:blue", "tab:green", "tab:orange"]
     layers = [np.arange(1, r.num_layers + 1) for r in reports]
     written = []
 
     def save(fig, name):
+        for ax in fig.axes:
+            if ax.get_label() != "<colorbar>":
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                if ax.images:  # the angular-distance maps index layers on both axes
+                    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         fig.tight_layout()
         fig.savefig(os.path.join(directory, name), dpi=90)
         plt.close(fig)
@@ -379,10 +411,13 @@ def plot(reports: List[DepthReport], directory: str) -> List[str]:
     width = 0.8 / len(reports)
     for k, (r, x, color) in enumerate(zip(reports, layers, colors)):
         offset = (k - (len(reports) - 1) / 2) * width
-        axes[0].bar(x + offset, r.removal_delta_loss, width, color=color, label=f"{r.label} (loss {r.loss:.3f})")
+        axes[0].bar(x + offset, r.removal_delta_loss, width, color=color, label=f"{r.label} (loss {r.loss:.3f})",
+                    yerr=NOISE_MULTIPLE * np.asarray(r.removal_delta_loss_stderr), capsize=2, ecolor="black")
         axes[1].bar(x + offset, r.removal_delta_perplexity, width, color=color, label=r.label)
     axes[0].axhline(reports[0].threshold, color="gray", linestyle="--", linewidth=1, label="effective-depth threshold")
-    axes[0].set(title="Layer removal: loss increase", xlabel="removed layer", ylabel="Δ loss (nats)")
+    axes[0].axhline(0.0, color="black", linewidth=0.8)
+    axes[0].set(title=f"Layer removal: loss increase (± {NOISE_MULTIPLE:g} s.e.)", xlabel="removed layer",
+                ylabel="Δ loss (nats)")
     axes[1].set(title="Layer removal: perplexity increase", xlabel="removed layer", ylabel="Δ perplexity")
     for ax in axes:
         ax.legend(fontsize=8)
@@ -412,7 +447,8 @@ def summary_markdown(reports: List[DepthReport]) -> str:
         ("layers", lambda r: str(r.num_layers)),
         ("held-out tokens", lambda r: f"{r.num_tokens} ({r.num_samples} x {r.seq_length})"),
         ("loss / perplexity", lambda r: f"{r.loss:.4f} / {r.perplexity:.2f}"),
-        ("**effective depth**", lambda r: f"**{r.effective_depth} of {r.num_layers}** (\\|Δloss\\| > {r.threshold:g})"),
+        ("**effective depth**", lambda r: f"**{r.effective_depth} of {r.num_layers}** (Δloss > max({r.threshold:g}, "
+                                          f"{NOISE_MULTIPLE:g} standard errors over {r.num_samples} windows))"),
         ("Δloss on removal, mean over the deeper half", lambda r: f"{deep_half(r.removal_delta_loss):.4f}"),
         ("most important layer (Δloss)", lambda r: "{} ({:.4f})".format(
             int(np.argmax(r.removal_delta_loss)) + 1, max(r.removal_delta_loss))),
@@ -428,7 +464,8 @@ def summary_markdown(reports: List[DepthReport]) -> str:
              "| | " + " | ".join(r.label for r in reports) + " |", "|---" * (len(reports) + 1) + "|"]
     lines += ["| " + name + " | " + " | ".join(get(r) for r in reports) + " |" for name, get in rows]
     lines += ["", "Effective depth: the number of layers whose removal (skipping the layer, nothing fine-tuned) "
-              "changes the held-out loss by more than the threshold. Deep layers that are near-identity maps (the "
+              "raises the held-out loss by more than the threshold and by more than twice its standard error across "
+              "the windows (Δloss is signed; a negative one means the model does better without the layer). Deep layers that are near-identity maps (the "
               "curse of depth) have small Δloss, small d(l, l+1) and small relative contribution.", "",
               "Plots: " + ", ".join(f"![{p}]({p})" for p in PLOTS), ""]
     return "\n".join(lines)
@@ -470,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--threshold", type=float, default=0.01,
                    help="|Δloss| (nats) above which a removed layer counts toward the effective depth")
-    p.add_argument("--seed", type=int, default=4321, help="seed of --mock-data samples")
+    p.add_argument("--seed", type=int, default=4321, help="seed of the random draw of held-out windows")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--output", default="depth_report", help="directory for report.json, the PNGs and summary.md")
     return p
@@ -481,12 +518,24 @@ def run(args) -> List[DepthReport]:
         raise ReportError("give one of --input, --data-path and --mock-data")
     if args.num_samples < 1 or args.micro_batch_size < 1:
         raise ReportError("--num-samples and --micro-batch-size must be positive")
-    reports = []
+    reports, windows, where, first = [], None, "", None
     for root, label in ((args.load, args.label), (args.compare, args.compare_label)):
         if root is None:
             continue
         loaded = load_model(root, args.tokenizer_model, args.tokenizer_type, args.device)
-        windows, where = held_out_windows(loaded, args)
+        if windows is None:  # one data source for every run, so that their numbers compare
+            windows, where = held_out_windows(loaded, args)
+            where += f"; {len(windows)} windows of {windows.shape[1] - 1} tokens drawn at random (seed {args.seed})"
+            first = loaded
+        else:
+            same = (loaded.tokenizer.vocab_size, loaded.tokenizer.fingerprint) == \
+                   (first.tokenizer.vocab_size, first.tokenizer.fingerprint)
+            if not same:
+                raise ReportError(f"--compare {root} was trained with another tokenizer than --load {args.load}; "
+                                  "the two cannot be measured on the same held-out tokens")
+            if windows.shape[1] - 1 > loaded.config.max_position_embeddings:
+                raise ReportError(f"--compare {root}: its --max-position-embeddings {loaded.config.max_position_embeddings}"
+                                  f" is shorter than the windows ({windows.shape[1] - 1}); give a shorter --seq-length")
         label = label or loaded.config.norm_scheme
         if any(r.label == label for r in reports):
             label = f"{label} ({os.path.basename(os.path.normpath(root))})"

@@ -19,19 +19,19 @@ from lns_megatron.schemes.lns import LNSNorm
 from lns_megatron.models.specs import get_gpt_lns_layer_spec
 
 
-def lns_transformer_config(
-    norm_scheme: str = "lns", depth_scaled_output_init: Optional[bool] = None, **config_kwargs
-) -> TransformerConfig:
-    """A ``TransformerConfig`` with the output-layer init the paper recommends for LNS.
+OUTPUT_LAYER_INITS = ("plain", "scaled")
 
-    megatron-core defaults the output layers (``linear_proj``, ``linear_fc2``) to the depth-scaled
-    normal ``std/sqrt(2L)``. The paper advises against combining that with LNS, so with
-    ``norm_scheme="lns"`` the default here is the plain normal ``init_method_std``.
-    ``depth_scaled_output_init=True`` restores megatron's default; Pre-LN keeps it by default.
+
+def lns_transformer_config(output_layer_init: str = "plain", **config_kwargs) -> TransformerConfig:
+    """A ``TransformerConfig`` whose output layers (``linear_proj``, ``linear_fc2``) start the same way
+    whatever the norm scheme, so that a Pre-LN/LNS comparison differs in the scheme alone.
+
+    ``"plain"``: N(0, ``init_method_std``), as every linear layer of the paper's code, for both arms (and
+    as the paper advises for LNS). ``"scaled"``: megatron-core's default, N(0, std/sqrt(2L)).
     """
-    if depth_scaled_output_init is None:
-        depth_scaled_output_init = norm_scheme != "lns"
-    if not depth_scaled_output_init and config_kwargs.get("output_layer_init_method") is None:
+    if output_layer_init not in OUTPUT_LAYER_INITS:
+        raise ValueError(f"output_layer_init={output_layer_init!r}; choose one of {OUTPUT_LAYER_INITS}")
+    if output_layer_init == "plain" and config_kwargs.get("output_layer_init_method") is None:
         config_kwargs["output_layer_init_method"] = init_method_normal(config_kwargs.get("init_method_std", 0.02))
     if cpu.is_enabled():
         # gloo matches point-to-point messages by order, and megatron's batched p2p posts
@@ -42,8 +42,7 @@ def lns_transformer_config(
 
 def transformer_config(c: PretrainConfig):
     return lns_transformer_config(
-        c.norm_scheme,
-        depth_scaled_output_init=c.depth_scaled_output_init or None,
+        c.output_layer_init,
         num_layers=c.num_layers,
         hidden_size=c.hidden_size,
         ffn_hidden_size=c.ffn_hidden_size,
@@ -56,6 +55,7 @@ def transformer_config(c: PretrainConfig):
         activation_func=F.silu if c.swiglu else F.gelu,
         add_bias_linear=not c.disable_bias_linear,
         init_method_std=c.init_method_std,
+        embedding_init_method_std=c.embedding_init_method_std,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         bf16=c.bf16,
@@ -79,7 +79,7 @@ def transformer_config(c: PretrainConfig):
     )
 
 
-def tiny_config(norm_scheme: str = "lns", **overrides) -> TransformerConfig:
+def tiny_config(output_layer_init: str = "plain", **overrides) -> TransformerConfig:
     """The small LLaMA-style float32 config used by the tests and CPU smoke runs."""
     kwargs = dict(
         num_layers=4,
@@ -101,7 +101,7 @@ def tiny_config(norm_scheme: str = "lns", **overrides) -> TransformerConfig:
         use_cpu_initialization=not torch.cuda.is_available(),
     )
     kwargs.update(overrides)
-    return lns_transformer_config(norm_scheme, **kwargs)
+    return lns_transformer_config(output_layer_init, **kwargs)
 
 
 def build_gpt_model(

@@ -171,14 +171,15 @@ def _collective_failure(error: RuntimeError, c: PretrainConfig, phase: str, last
 def prepare_resume(c: PretrainConfig):
     """Before any memory is allocated: the checkpoint to resume and what it must agree with."""
     directory = None
+    if c.load is not None and c.use_checkpoint_args:  # the checkpoint's flags, before they are validated
+        directory, _ = checkpoint.latest_checkpoint(c.load)
+        taken = safety.apply_checkpoint_args(checkpoint.saved_config(directory), c)
+        if taken and int(os.environ.get("RANK", "0")) == 0:
+            print(f"lns-pretrain: --use-checkpoint-args: {', '.join(taken)} (from {directory})", flush=True)
+    validate(c, torch.cuda.is_available(), HAVE_TE)
     if c.load is not None:
         directory, _ = checkpoint.latest_checkpoint(c.load)
         saved = checkpoint.saved_config(directory)
-        if c.use_checkpoint_args:
-            taken = safety.apply_checkpoint_args(saved, c)
-            if taken and int(os.environ.get("RANK", "0")) == 0:
-                print(f"lns-pretrain: --use-checkpoint-args: {', '.join(taken)} (from {directory})", flush=True)
-    validate(c, torch.cuda.is_available(), HAVE_TE)
     if c.data_path:
         datasets.check_data_paths(c)
     tokenizer = datasets.build_tokenizer_from_config(c)
@@ -266,6 +267,10 @@ def _train(c: PretrainConfig, tokenizer, resume_from, notices) -> dict:
         print(f"lns-pretrain: {c.norm_scheme} | {c.num_layers} layers x {c.hidden_size} | TP={c.tensor_model_parallel_size} "
               f"PP={c.pipeline_model_parallel_size} VPP={c.virtual_pipeline_model_parallel_size} DP={c.data_parallel_size} | "
               f"{c.num_microbatches} micro-batches of {c.micro_batch_size} | vocab {tokenizer.vocab_size} (padded {vocab})",
+              flush=True)
+        output_std = c.init_method_std / (math.sqrt(2 * c.num_layers) if c.output_layer_init == "scaled" else 1)
+        print(f"lns-pretrain: init N(0, {c.init_method_std:g}); linear_proj and linear_fc2 {c.output_layer_init} "
+              f"N(0, {output_std:.4g}); embeddings N(0, {c.embedding_init_method_std or c.init_method_std:g})",
               flush=True)
         if resume_from is not None:
             what = "weights only (--finetune)" if c.finetune else f"iteration {iteration}" + (

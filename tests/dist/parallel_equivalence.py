@@ -32,7 +32,7 @@ VOCAB, SEQ, MBS, MICROBATCHES = 96, 16, 2, 4
 
 def build(num_layers, sequence_parallel=False):
     config = tiny_config(
-        "lns", num_layers=num_layers, num_query_groups=2,
+        num_layers=num_layers, num_query_groups=2,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         virtual_pipeline_model_parallel_size=parallel_state.get_virtual_pipeline_model_parallel_world_size(),

@@ -41,7 +41,7 @@ def test_layernorm_scale_values():
 def test_gpt_model_matches_plain_pytorch_reference(megatron_tp1, num_query_groups):
     """(a) Logits and every parameter gradient equal an independent float32 reference."""
     torch.manual_seed(0)
-    config = tiny_config("lns", num_query_groups=num_query_groups)
+    config = tiny_config(num_query_groups=num_query_groups)
     model = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ).to(DEVICE)
     gen = torch.Generator().manual_seed(1)
     randomize_norms(model, gen)
@@ -78,7 +78,7 @@ def test_gpt_model_matches_plain_pytorch_reference(megatron_tp1, num_query_group
 def test_pre_scheme_is_megatron_local_spec(megatron_tp1):
     """(b) norm_scheme='pre' is megatron-core's own local spec, and computes the same function."""
     assert get_gpt_lns_layer_spec("local", "pre") == get_gpt_layer_local_spec(normalization="RMSNorm")
-    config = tiny_config("pre")
+    config = tiny_config()
     torch.manual_seed(3)
     ours = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ, norm_scheme="pre").to(DEVICE)
     from megatron.core.models.gpt import GPTModel
@@ -94,7 +94,7 @@ def test_pre_scheme_is_megatron_local_spec(megatron_tp1):
 
 
 def test_scales_live_on_the_norms_and_final_norm_is_plain(megatron_tp1):
-    model = build_gpt_model(tiny_config("lns"), vocab_size=VOCAB, max_sequence_length=SEQ).to(DEVICE)
+    model = build_gpt_model(tiny_config(), vocab_size=VOCAB, max_sequence_length=SEQ).to(DEVICE)
     for layer in model.decoder.layers:
         assert isinstance(layer, LNSTransformerLayer)
         s = 1.0 / math.sqrt(layer.layer_number)
@@ -114,7 +114,7 @@ def test_scales_live_on_the_norms_and_final_norm_is_plain(megatron_tp1):
 @pytest.mark.parametrize("zero_centered", [False, True])
 def test_effective_affine_equals_scaled_output(normalization, zero_centered):
     """Zero-centered gamma and LayerNorm bias: s * norm(x), with the same gradients (float64)."""
-    config = tiny_config("lns", normalization=normalization, layernorm_zero_centered_gamma=zero_centered)
+    config = tiny_config(normalization=normalization, layernorm_zero_centered_gamma=zero_centered)
     x = torch.randn(5, 3, 64, dtype=torch.float64, device=DEVICE)
     scale = layernorm_scale(7)
     norm = LNSNorm(config, 64, eps=1e-5).double().to(DEVICE)
@@ -142,7 +142,7 @@ def test_effective_affine_equals_scaled_output(normalization, zero_centered):
 
 def test_biases_and_qk_layernorm(megatron_tp1):
     """Linear biases and qk-layernorm are untouched; only the two pre-norms are scaled."""
-    config = tiny_config("lns", add_bias_linear=True, add_qkv_bias=True, normalization="LayerNorm")
+    config = tiny_config(add_bias_linear=True, add_qkv_bias=True, normalization="LayerNorm")
     spec = get_gpt_lns_layer_spec("local", "lns", normalization="LayerNorm", qk_layernorm=True)
     layer = LNSTransformerLayer(config, spec.submodules, layer_number=9).to(DEVICE)
     assert layer.input_layernorm.lns_scale == pytest.approx(1 / 3)
@@ -166,28 +166,49 @@ def test_unfused_foreign_norm_is_refused(megatron_tp1):
     spec = get_gpt_lns_layer_spec("local", "lns")
     bad = dataclasses.replace(spec.submodules, pre_mlp_layernorm=WrappedTorchNorm)
     with pytest.raises(TypeError, match="pre-MLP norm is a RMSNorm"):
-        LNSTransformerLayer(tiny_config("lns"), bad, layer_number=2)
+        LNSTransformerLayer(tiny_config(), bad, layer_number=2)
 
 
-def test_output_layer_init_default_and_override(megatron_tp1):
-    """LNS defaults to plain-normal output-layer init; a flag restores the depth-scaled one."""
+@pytest.mark.parametrize("output_layer_init, divisor", [("plain", 1.0), ("scaled", math.sqrt(16))])
+def test_output_layer_init(megatron_tp1, output_layer_init, divisor):
+    """plain: N(0, std) on linear_proj and linear_fc2 (the paper's code); scaled: megatron's std/sqrt(2L)."""
     std = 0.02
-    lns = tiny_config("lns", num_layers=8, init_method_std=std)
-    pre = tiny_config("pre", num_layers=8, init_method_std=std)
-    forced = tiny_config("lns", num_layers=8, init_method_std=std, depth_scaled_output_init=True)
-    assert lns.output_layer_init_method.keywords["std"] == pytest.approx(std)
-    assert pre.output_layer_init_method.keywords["std"] == pytest.approx(std / math.sqrt(16))
-    assert forced.output_layer_init_method.keywords["std"] == pytest.approx(std / math.sqrt(16))
+    config = tiny_config(output_layer_init, num_layers=8, init_method_std=std, hidden_size=128, ffn_hidden_size=512)
+    assert config.output_layer_init_method.keywords["std"] == pytest.approx(std / divisor)
     torch.manual_seed(0)
-    model = build_gpt_model(lns, vocab_size=VOCAB, max_sequence_length=SEQ)
-    w = model.decoder.layers[0].mlp.linear_fc2.weight
-    assert 0.8 * std < w.std().item() < 1.2 * std
+    model = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ)
+    for w in (model.decoder.layers[0].mlp.linear_fc2.weight, model.decoder.layers[0].self_attention.linear_proj.weight):
+        assert 0.9 * std / divisor < w.std().item() < 1.1 * std / divisor
+    with pytest.raises(ValueError, match="output_layer_init='depth'"):
+        tiny_config("depth")
+
+
+@pytest.mark.parametrize("output_layer_init", ["plain", "scaled"])
+def test_pre_and_lns_start_from_identical_weights(megatron_tp1, output_layer_init):
+    """The same flags and seed give Pre-LN and LNS bit-identical weights (norms included), so an A/B
+    of the two differs in --norm-scheme alone."""
+    from lns_megatron.config import parse_args
+    from lns_megatron.models.gpt import transformer_config
+    from lns_megatron.training.distributed import set_seed
+
+    def build(scheme):
+        c = parse_args(["--preset", "tiny", "--mock-data", "--vocab-size", "100", "--norm-scheme", scheme,
+                        "--output-layer-init", output_layer_init, "--embedding-init-method-std", "0.01"])
+        set_seed(c.seed)
+        model = build_gpt_model(transformer_config(c), vocab_size=128, max_sequence_length=c.max_position_embeddings,
+                                norm_scheme=scheme, position_embedding_type=c.position_embedding_type)
+        return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+
+    pre, lns = build("pre"), build("lns")
+    assert sorted(pre) == sorted(lns)
+    assert all(torch.equal(pre[k], lns[k]) for k in pre), [k for k in pre if not torch.equal(pre[k], lns[k])]
+    assert 0.008 < pre["embedding.word_embeddings.weight"].std().item() < 0.012  # --embedding-init-method-std
 
 
 @pytest.mark.parametrize("how", ["meta", "use_cpu_initialization"])
 def test_scale_survives_meta_and_cpu_initialization(megatron_tp1, how):
     """(e) A meta-device build materialized with to_empty(), and use_cpu_initialization."""
-    config = tiny_config("lns", use_cpu_initialization=True)
+    config = tiny_config(use_cpu_initialization=True)
     if how == "meta":
         with torch.device("meta"):
             model = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ)
@@ -215,5 +236,5 @@ def test_module_level_spec_works_as_megatron_lm_spec_argument(megatron_tp1):
 
     spec = vars(importlib.import_module("lns_megatron.specs"))["lns_local_spec"]
     assert isinstance(spec, ModuleSpec) and spec.module is LNSTransformerLayer
-    model = GPTModel(tiny_config("lns"), spec, VOCAB, SEQ, position_embedding_type="rope")
+    model = GPTModel(tiny_config(), spec, VOCAB, SEQ, position_embedding_type="rope")
     assert [l.input_layernorm.lns_scale for l in model.decoder.layers] == [1 / math.sqrt(i) for i in range(1, 5)]

@@ -37,7 +37,7 @@ def to_te_names(state):
 def build_pair(megatron_tp1, **overrides):
     from lns_megatron.models.gpt import build_gpt_model, tiny_config
 
-    config = tiny_config("lns", **overrides)
+    config = tiny_config(**overrides)
     torch.manual_seed(0)
     local = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ).cuda()
     with torch.no_grad():
@@ -78,7 +78,7 @@ def test_fp8_forward_backward_runs_with_lns(megatron_tp1):
         pytest.skip("FP8 needs an Ada or Hopper GPU (compute capability 8.9+)")
     from lns_megatron.models.gpt import build_gpt_model, tiny_config
 
-    config = tiny_config("lns", fp8="hybrid", fp8_recipe="delayed", params_dtype=torch.bfloat16, bf16=True,
+    config = tiny_config(fp8="hybrid", fp8_recipe="delayed", params_dtype=torch.bfloat16, bf16=True,
                          hidden_size=128, ffn_hidden_size=256, num_attention_heads=4)
     model = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ, transformer_impl="transformer_engine").cuda()
     tokens = torch.randint(0, VOCAB, (BATCH * 8, SEQ), device="cuda")

@@ -106,7 +106,7 @@ def test_bad_input_is_one_line_without_traceback():
     (["--seq-length", "0", *MOCK], "--seq-length 0: must be greater than 0"),
     (["--global-batch-size", "-8", *MOCK], "--global-batch-size -8: must be greater than 0"),
     (["--train-iters", "0", *MOCK], "--train-iters 0: must be greater than 0"),
-    (["--lr", "-1e-3", *MOCK], "--lr -0.001: must be at least 0"),
+    (["--lr=-1e-3", *MOCK], "--lr -0.001: must be at least 0"),
     (["--lr", "nan", *MOCK], "--lr nan: must be a finite number"),
     (["--adam-beta2", "1.0", *MOCK], "--adam-beta2 1.0: must be less than 1"),
     (["--eval-interval", "0", *MOCK], "--eval-interval 0: must be greater than 0"),
