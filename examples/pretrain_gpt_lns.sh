@@ -18,6 +18,10 @@ else
     HAVE_GPU=0
 fi
 
+# What the user set (a --recipe fills batch and length itself unless these are given).
+USER_GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-}
+USER_TRAIN_ITERS=${TRAIN_ITERS:-}
+RECIPE=${RECIPE:-}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
@@ -62,10 +66,17 @@ fi
 CHECKPOINT_DIR=${CHECKPOINT_DIR/default/$PRESET}
 TENSORBOARD_DIR=${TENSORBOARD_DIR/default/$PRESET}
 
-GPT_MODEL_ARGS=(--preset "$PRESET" --norm-scheme "$NORM_SCHEME")
-TRAINING_ARGS=(--micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE"
-               --train-iters "$TRAIN_ITERS" "${LR_ARGS[@]}" --lr-decay-style cosine --weight-decay 0.1
-               --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 "${PRECISION_ARGS[@]}")
+GPT_MODEL_ARGS=(--preset "$PRESET" --norm-scheme "$NORM_SCHEME" --output-layer-init "${OUTPUT_LAYER_INIT:-plain}")
+if [ -n "$RECIPE" ]; then  # the recipe's optimizer, schedule, precision, batch and length (lr/steps by preset)
+    TRAINING_ARGS=(--recipe "$RECIPE" --micro-batch-size "$MICRO_BATCH_SIZE"
+                   ${USER_GLOBAL_BATCH_SIZE:+--global-batch-size "$USER_GLOBAL_BATCH_SIZE"}
+                   ${USER_TRAIN_ITERS:+--train-iters "$USER_TRAIN_ITERS"})
+    [ "$HAVE_GPU" = 1 ] || TRAINING_ARGS+=(--no-bf16)  # CPUs here have no fast bf16 matmul
+else
+    TRAINING_ARGS=(--micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE"
+                   --train-iters "$TRAIN_ITERS" "${LR_ARGS[@]}" --lr-decay-style cosine --weight-decay 0.1
+                   --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 "${PRECISION_ARGS[@]}")
+fi
 MODEL_PARALLEL_ARGS=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" "${PARALLEL_EXTRA[@]}")
 if [ -n "${DATA_PATH:-}" ]; then
     # shellcheck disable=SC2206  # a blend is several words: "0.7 a 0.3 b"

@@ -216,8 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
         if f.metadata.get("derived", False):
             continue
         kw = {k: v for k, v in f.metadata.items() if k in ARGPARSE_KEYS}
-        if f.type in ("bool", bool):  # a flag that is on by default is switched off by its --no-... name
-            parser.add_argument(flag_name(f.name), dest=f.name, action="store_false" if f.default else "store_true", **kw)
+        if f.type in ("bool", bool):
+            # --x and --no-x, so that a preset's or a recipe's choice can be undone; a flag that is on by
+            # default has only its Megatron-LM name, --no-...
+            action = "store_false" if f.default else argparse.BooleanOptionalAction
+            parser.add_argument(flag_name(f.name), dest=f.name, action=action, **kw)
             continue
         base = f.type.replace("Optional[", "").rstrip("]") if isinstance(f.type, str) else f.type
         kind = {"int": int, "float": float}.get(base.replace("List[", ""), str)

@@ -183,7 +183,13 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: Lis
     state = _sharded_state(model, optimizer, is_loading=False, metadata=metadata)
     state.update(iteration=iteration, consumed_samples=consumed_samples,
                  opt_param_scheduler=scheduler.state_dict() if scheduler is not None else None)
-    dist_checkpointing.save(state, partial, content_metadata=metadata)
+    try:
+        dist_checkpointing.save(state, partial, content_metadata=metadata)
+    except (Exception, TorchCheckpointException) as e:  # a full disk, a lost mount, a quota
+        lines = str(e).strip().splitlines()
+        raise CheckpointError(f"saving iteration {iteration} to {partial} failed on rank {rank} "
+                              f"({lines[-1] if lines else type(e).__name__}); the latest complete checkpoint in "
+                              f"{root} is unchanged: free space or fix the mount, then resume from it") from None
     dist.barrier()
     if rank == 0:
         with open(os.path.join(partial, CONFIG_FILE), "w") as f:  # written last: marks completeness
@@ -278,9 +284,9 @@ def load_model(root: str, tokenizer_model: Optional[str] = None, tokenizer_type:
         tokenizer = datasets.build_tokenizer_from_config(config)
     except ConfigError as e:
         raise CheckpointError(f"checkpoint {directory} was trained with --tokenizer-type {config.tokenizer_type}: {e} "
-                          "(pass --tokenizer-model PATH to point at the tokenizer's current location)") from None
+                              "(pass --tokenizer-model PATH to point at the tokenizer's current location)") from None
     padded = datasets.padded_vocab_size(tokenizer.vocab_size, config.make_vocab_size_divisible_by,
-                                    config.tensor_model_parallel_size)  # the padding of the training layout
+                                        config.tensor_model_parallel_size)  # the padding of the training layout
 
     _ensure_single_process_parallel_state(config.seed)
     # One process, one device: TP/PP/VPP collapse to 1 (dist_checkpointing reshards); FP8 and TE

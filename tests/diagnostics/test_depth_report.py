@@ -73,11 +73,15 @@ def test_report_of_pre_and_lns_side_by_side(checkpoints, tmp_path):
         assert all(v > 0 for v in r["variance"]) and all(v >= -1e-9 for v in r["logit_lens_kl"])
         assert abs(r["logit_lens_kl"][-1]) < 1e-9  # the lens at the last layer is the model itself
         assert r["perplexity"] == pytest.approx(math.exp(r["loss"]))
-        assert 0 <= r["effective_depth"] <= L
-        assert r["effective_depth"] == sum(abs(d) > r["threshold"] for d in r["removal_delta_loss"])
+        assert 0 <= r["effective_depth"] <= L and len(r["removal_delta_loss_stderr"]) == L
+        needed = [max(r["threshold"], 2 * e) for e in r["removal_delta_loss_stderr"]]
+        assert r["effective_layers"] == [l + 1 for l in range(L) if r["removal_delta_loss"][l] > needed[l]]
+        assert r["effective_depth"] == len(r["effective_layers"])
+    assert runs[0]["data"] == runs[1]["data"] and "4 windows of 32 tokens drawn at random (seed 4321)" in runs[0]["data"]
     assert runs[0]["iteration"] == runs[1]["iteration"] == 30
     summary = (out / "summary.md").read_text()
     assert "effective depth" in summary and "| lns | pre |" in summary
+    assert "2 standard errors over 4 windows" in summary
     assert "effective depth" in stdout
 
     import matplotlib.image
@@ -205,3 +209,47 @@ def test_bad_input_is_named(checkpoints, tmp_path):
     assert "no such file" in error("--load", checkpoints["lns"], "--input", tmp_path / "none.jsonl")
     assert "--max-position-embeddings" in error("--load", checkpoints["lns"], "--mock-data", "--seq-length", "999")
     assert "--data-path" in error("--load", checkpoints["lns"], "--data-path", tmp_path / "nothing")
+
+
+def test_windows_are_drawn_at_random_across_the_whole_split(tmp_path):
+    """Document i holds only token i: a window's tokens tell where it was drawn from."""
+    from driver import write_dataset
+    from lns_megatron.diagnostics.report import _indexed_windows
+
+    prefix = write_dataset(str(tmp_path / "docs_text_document"), [[i] * 50 for i in range(300)])
+    draw = lambda seed: _indexed_windows(prefix, "90,10,0", 16, 8, vocab_limit=512, seed=seed)
+    windows = draw(1)
+    assert windows.shape == (8, 17)
+    assert int(windows.min()) >= 270 and int(windows.max()) < 300  # the validation documents only
+    documents = set(windows[:, 0].tolist())
+    assert len(documents) >= 5 and max(documents) >= 290, documents  # spread over the split, not its start
+    assert torch.equal(draw(1), windows) and not torch.equal(draw(2), windows)  # seeded
+
+
+def test_effective_depth_counts_layers_above_the_noise(loaded_lns):
+    """Signed Δloss per layer, its standard error over the windows, and the effective depth, against an
+    independent per-window recomputation."""
+    from lns_megatron.diagnostics.report import analyze, forward_logits, skipped_layer
+
+    model = loaded_lns.model
+    windows = held_out(loaded_lns, num_samples=6)
+    tokens, labels = windows[:, :-1], windows[:, 1:]
+    report = analyze(loaded_lns, windows, label="lns", micro_batch_size=4, threshold=0.0)
+
+    def per_window_loss():
+        logits = forward_logits(model, tokens).double()
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape).mean(1)
+
+    with torch.no_grad():
+        base = per_window_loss()
+        expected = []
+        for k in range(4):
+            with skipped_layer(model, k):
+                delta = per_window_loss() - base
+            mean, stderr = delta.mean().item(), delta.std().item() / math.sqrt(len(delta))
+            assert report.removal_delta_loss[k] == pytest.approx(mean, rel=1e-6, abs=1e-9)
+            assert report.removal_delta_loss_stderr[k] == pytest.approx(stderr, rel=1e-6, abs=1e-12)
+            if mean > 2 * stderr:
+                expected.append(k + 1)
+    assert report.effective_layers == expected and report.effective_depth == len(expected)
+    assert analyze(loaded_lns, windows, label="lns", threshold=100.0).effective_depth == 0

@@ -163,3 +163,18 @@ def test_empty_split_is_refused(learnable_data):
     """300 documents split 969,30,1: the test split gets none, and megatron would loop forever."""
     error = config_error("--preset", "tiny", *learnable_data, "--split", "969,30,1")
     assert "--split 969,30,1: the test split" in error and "hold no tokens" in error
+
+
+@pytest.mark.parametrize("preset, lr, steps", [("llama-130m", 1e-3, 20000), ("llama-250m", 1e-3, 40000),
+                                               ("llama-350m", 5e-4, 60000), ("llama-1b", 5e-4, 100000)])
+def test_recipe_paper_fills_the_papers_settings(preset, lr, steps):
+    c = parse_args(["--preset", preset, "--recipe", "paper", *MOCK])
+    assert (c.lr, c.min_lr, c.train_iters, c.lr_decay_iters, c.lr_warmup_iters) == (lr, 0.1 * lr, steps, steps, steps // 10)
+    assert (c.adam_beta1, c.adam_beta2, c.weight_decay, c.clip_grad, c.lr_decay_style) == (0.9, 0.999, 0.0, 0.0, "cosine")
+    assert (c.bf16, c.norm_epsilon, c.untie_embeddings_and_output_weights, c.normalization) == (True, 1e-6, True, "RMSNorm")
+    assert (c.global_batch_size, c.seq_length, c.init_method_std, c.output_layer_init) == (512, 256, 0.02, "plain")
+    # Explicit flags win over the recipe; the floor follows an explicit --lr unless --min-lr is given too.
+    c = parse_args(["--preset", preset, "--recipe", "paper", *MOCK, "--lr", "2e-3", "--train-iters", "100",
+                    "--lr-warmup-iters", "5", "--no-bf16", "--global-batch-size", "16"])
+    assert (c.lr, c.min_lr, c.train_iters, c.lr_warmup_iters, c.bf16, c.global_batch_size) == (2e-3, 2e-4, 100, 5, False, 16)
+    assert parse_args(["--preset", preset, "--recipe", "paper", *MOCK, "--min-lr", "0"]).min_lr == 0.0

@@ -1,0 +1,58 @@
+"""examples/ab_pre_vs_lns.sh end to end on tiny runs: arms x seeds through the real launcher and driver,
+one summary with the spread over seeds, and the fairness check that refuses arms differing in more
+than the norm scheme and the init."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from dist_launch import ROOT
+from lns_megatron.diagnostics import ab
+from lns_megatron.training.distributed import free_port
+
+
+@pytest.fixture(scope="module")
+def ab_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ab")
+    env = dict(os.environ, AB_DIR=str(root), ARMS="pre:scaled lns:plain", SEEDS="1 2", NUM_SAMPLES="4",
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_PORT=str(free_port()), TRAIN_ITERS="4",
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "ab_pre_vs_lns.sh"), "--seq-length", "32",
+                           "--max-position-embeddings", "32", "--eval-interval", "2", "--log-interval", "2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return root, proc.stdout
+
+
+def test_summary_of_arms_and_seeds(ab_runs):
+    root, stdout = ab_runs
+    assert sorted(os.listdir(root / "summary")) == ["layer_removal.png", "summary.json", "summary.md",
+                                                     "validation_loss.png", "variance.png"]
+    summary = json.load(open(root / "summary" / "summary.json"))
+    assert sorted(summary["arms"]) == ["lns-plain", "pre-scaled"]
+    assert summary["arms"]["pre-scaled"]["config"] == {"norm_scheme": "pre", "output_layer_init": "scaled"}
+    for arm in summary["arms"].values():
+        loss = arm["validation_loss"]
+        assert loss["n"] == 2 and len(set(loss["values"])) == 2  # the seeds differ
+        assert loss["min"] <= loss["mean"] <= loss["max"] and loss["std"] > 0
+    runs = summary["runs"]
+    assert sorted(runs) == ["lns-plain/seed1", "lns-plain/seed2", "pre-scaled/seed1", "pre-scaled/seed2"]
+    assert all(r["iteration"] == 4 for r in runs.values())
+    md = (root / "summary" / "summary.md").read_text()
+    assert "lns-plain (2 seeds)" in md and "Against the baseline `pre-scaled`" in md and "± " in md
+    assert "Norm-scheme comparison" in stdout
+
+
+def test_runs_that_differ_in_more_than_the_arm_are_refused(ab_runs, tmp_path):
+    root, _ = ab_runs
+    shutil.copytree(root, tmp_path / "ab", ignore=shutil.ignore_patterns("summary"))
+    iteration = open(tmp_path / "ab" / "lns-plain" / "seed2" / "ckpt" / "latest_checkpointed_iteration.txt").read()
+    path = tmp_path / "ab" / "lns-plain" / "seed2" / "ckpt" / f"iter_{int(iteration):07d}" / "pretrain_config.json"
+    config = json.load(open(path))
+    config["lr"] = 0.5
+    json.dump(config, open(path, "w"))
+    with pytest.raises(ab.ComparisonError, match="lns-plain/seed2 differs from .* --lr is 0.5 there"):
+        ab.summarize(str(tmp_path / "ab"), num_samples=2)
