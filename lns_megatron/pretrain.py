@@ -23,8 +23,8 @@ def main(argv=None) -> int:
     from lns_megatron.config import ConfigError, parse_args
     from lns_megatron.training import distributed
     from lns_megatron.training.checkpoint import CheckpointError
-    from lns_megatron.training.safety import NonFiniteError
-    from lns_megatron.training.train import CollectiveError, pretrain
+    from lns_megatron.training.safety import CollectiveError, NonFiniteError
+    from lns_megatron.training.train import pretrain
 
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:

@@ -8,7 +8,10 @@
 - :class:`RunLock` -- one run per ``--save`` directory, with stale locks of dead runs taken over;
 - :func:`check_writable` -- ``--save`` and ``--tensorboard-dir`` are found unwritable at start, not at
   the first save hours later;
-- :func:`check_finite` -- NaN/Inf in the loss, the gradients or the state to be saved stop the run.
+- :func:`claim_save_directory` -- all of that on rank 0 at start, the verdict shared with every rank;
+- :func:`all_finite`, :func:`check_finite_state` -- NaN/Inf in the loss, the gradients or the state to be
+  saved stop the run;
+- :func:`describe_collective_failure` -- a frozen or dead rank ends the job with what, where and since when.
 
 Every failure is one line that names the flag or file and the fix.
 """
@@ -17,12 +20,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import threading
 import time
 from typing import Iterable, List, Optional
 
 import torch
+import torch.distributed as dist
 
 from lns_megatron.config import ConfigError, PretrainConfig, flag_name
 
@@ -248,6 +253,31 @@ def check_save_directory(c: PretrainConfig) -> None:
                       f"with --load {c.save}, or choose an empty --save so that its checkpoints are not overwritten")
 
 
+def claim_save_directory(c: PretrainConfig):
+    """On rank 0: --save and --tensorboard-dir writable, --save free of other runs, its lock taken.
+    Every rank raises the same error if rank 0 finds one."""
+    lock, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            if c.save:
+                check_writable("--save", c.save)
+                check_save_directory(c)
+                lock = RunLock(c.save).acquire()
+                if lock.notice:
+                    print(f"lns-pretrain: {lock.notice}", flush=True)
+            if c.tensorboard_dir:
+                check_writable("--tensorboard-dir", c.tensorboard_dir)
+        except ConfigError as e:
+            error = str(e)
+            if lock is not None:
+                lock.release()
+    verdict = [error]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise ConfigError(verdict[0])
+    return lock
+
+
 # ------------------------------------------------------------------------------------ non-finite
 
 
@@ -289,8 +319,28 @@ def check_finite_state(model: List, optimizer, iteration: int, last: Optional[st
 
 def finite_everywhere(ok: bool, device) -> bool:
     """All-reduce of a local verdict over every rank (False wins)."""
-    import torch.distributed as dist
-
     flag = torch.tensor([1.0 if ok else 0.0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item() == 1.0)
+
+
+# ------------------------------------------------------------------------------------ collectives
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed: a rank is frozen (timeout) or gone (connection lost)."""
+
+
+def describe_collective_failure(error: RuntimeError, c: PretrainConfig, phase: str, last_checkpoint) -> Optional[str]:
+    """One line for a collective that failed, or None if ``error`` is something else."""
+    text = str(error)
+    if "Timed out" in text or "timed out" in text:
+        op = re.search(r"for (\w+) operation", text)
+        what = (f"timed out after --distributed-timeout-minutes {c.distributed_timeout_minutes:g} waiting for the other "
+                f"ranks ({op.group(1) if op else 'a collective'}): a rank is frozen or its node is gone")
+    elif "Connection closed by peer" in text or "Connection reset" in text or "Broken pipe" in text:
+        what = "lost its connection to another rank, which died"
+    else:
+        return None
+    return (f"rank {dist.get_rank()} ({socket.gethostname()}) {what}, during {phase}; "
+            f"{describe_last_checkpoint(last_checkpoint)}; restart the job")

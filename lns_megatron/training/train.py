@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import math
 import os
-import re
-import socket
 import time
 from functools import partial
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.distributed as dist
@@ -25,7 +23,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
-from lns_megatron.config import ConfigError, PretrainConfig, validate
+from lns_megatron.config import PretrainConfig, validate
 from lns_megatron.data import datasets
 from lns_megatron.models.gpt import build_gpt_model, transformer_config
 from lns_megatron.schemes.lns import HAVE_TE
@@ -150,24 +148,6 @@ def evaluate(model, iterators, c: PretrainConfig) -> float:
     return total / c.eval_iters
 
 
-class CollectiveError(RuntimeError):
-    """A collective failed: a rank is frozen (timeout) or gone (connection lost)."""
-
-
-def _collective_failure(error: RuntimeError, c: PretrainConfig, phase: str, last_checkpoint) -> Optional[str]:
-    text = str(error)
-    if "Timed out" in text or "timed out" in text:
-        op = re.search(r"for (\w+) operation", text)
-        what = (f"timed out after --distributed-timeout-minutes {c.distributed_timeout_minutes:g} waiting for the other "
-                f"ranks ({op.group(1) if op else 'a collective'}): a rank is frozen or its node is gone")
-    elif "Connection closed by peer" in text or "Connection reset" in text or "Broken pipe" in text:
-        what = "lost its connection to another rank, which died"
-    else:
-        return None
-    return (f"rank {dist.get_rank()} ({socket.gethostname()}) {what}, during {phase}; "
-            f"{safety.describe_last_checkpoint(last_checkpoint)}; restart the job")
-
-
 def prepare_resume(c: PretrainConfig):
     """Before any memory is allocated: the checkpoint to resume and what it must agree with."""
     directory = None
@@ -195,38 +175,13 @@ def prepare_resume(c: PretrainConfig):
     return tokenizer, directory, notices
 
 
-def claim_save_directory(c: PretrainConfig):
-    """On rank 0: --save and --tensorboard-dir writable, --save free of other runs, its lock taken.
-    Every rank raises the same error if rank 0 finds one."""
-    lock, error = None, None
-    if dist.get_rank() == 0:
-        try:
-            if c.save:
-                safety.check_writable("--save", c.save)
-                safety.check_save_directory(c)
-                lock = safety.RunLock(c.save).acquire()
-                if lock.notice:
-                    print(f"lns-pretrain: {lock.notice}", flush=True)
-            if c.tensorboard_dir:
-                safety.check_writable("--tensorboard-dir", c.tensorboard_dir)
-        except ConfigError as e:
-            error = str(e)
-            if lock is not None:
-                lock.release()
-    verdict = [error]
-    dist.broadcast_object_list(verdict, src=0)
-    if verdict[0] is not None:
-        raise ConfigError(verdict[0])
-    return lock
-
-
 def pretrain(c: PretrainConfig) -> dict:
     """Train; returns {"losses": {iteration: loss}, "iteration": last} (for tests and scripts)."""
     tokenizer, resume_from, notices = prepare_resume(c)
     distributed.initialize(c.tensor_model_parallel_size, c.pipeline_model_parallel_size,
                            c.virtual_pipeline_model_parallel_size, seed=c.seed,
                            timeout_minutes=c.distributed_timeout_minutes)
-    lock = claim_save_directory(c)
+    lock = safety.claim_save_directory(c)
     try:
         return _train(c, tokenizer, resume_from, notices)
     finally:
@@ -338,10 +293,10 @@ def _train(c: PretrainConfig, tokenizer, resume_from, notices) -> dict:
     except RuntimeError as e:
         if isinstance(e, NonFiniteError):
             raise
-        message = _collective_failure(e, c, phase, last_checkpoint)
+        message = safety.describe_collective_failure(e, c, phase, last_checkpoint)
         if message is None:
             raise
-        raise CollectiveError(message) from None
+        raise safety.CollectiveError(message) from None
     finally:
         logger.close()
     return {"losses": losses, "iteration": iteration}
