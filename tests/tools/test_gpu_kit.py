@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -62,8 +63,9 @@ def test_split_into_transfers_and_joined_back(tmp_path):
     _, ready, problems = kit.join(str(stage), str(tmp_path / "wheels"))
     assert problems == [] and sorted(ready) == sorted(f["name"] for f in manifest["files"])
     for name, path in ready.items():
-        assert open(path, "rb").read() == (src / name).read_bytes()
-        assert hashlib.sha256(open(path, "rb").read()).hexdigest() == next(
+        joined = Path(path).read_bytes()
+        assert joined == (src / name).read_bytes()
+        assert hashlib.sha256(joined).hexdigest() == next(
             f["sha256"] for f in manifest["files"] if f["name"] == name)
 
 

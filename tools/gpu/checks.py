@@ -108,8 +108,8 @@ class Run:
     def left(self):
         return self.deadline - time.time()
 
-    def record(self, name, status, wall=0.0, limit=None, reason=None, result=None):
-        step = dict(name=name, status=status, wall_s=round(wall, 1), limit_s=limit and round(limit),
+    def record(self, name, status, wall=0.0, limit=None, reason=None, result=None, title=None):
+        step = dict(name=name, title=title, status=status, wall_s=round(wall, 1), limit_s=limit and round(limit),
                     reason=reason, result=result)
         self.steps.append(step)
         self.say(f"{name}: {status}" + (f" ({reason})" if reason else "") + (f" in {wall:.0f} s" if wall else ""))
@@ -336,14 +336,14 @@ def run_steps(run: Run) -> None:
         if run.a.only and name not in run.a.only:
             continue
         if not env_ok:
-            run.record(name, "skipped", reason="megatron-core or lns_megatron does not import (see the env step)")
+            run.record(name, "skipped", reason="megatron-core or lns_megatron does not import (see the env step)", title=title)
             continue
         if cmd is None:
-            run.record(name, "skipped", reason=skip)
+            run.record(name, "skipped", reason=skip, title=title)
             continue
         limit = min(limit, run.left() - 5)
         if limit < 20:
-            run.record(name, "skipped", reason="out of time")
+            run.record(name, "skipped", reason="out of time", title=title)
             continue
         if str(cmd[1]).startswith("tools/gpu/"):  # step scripts plan within their limit
             cmd += ["--budget-s", str(int(limit - 10))]
@@ -357,7 +357,7 @@ def run_steps(run: Run) -> None:
         if name == "te_tests" and result:
             reason = f"{result['passed']} passed, {result['failed']} failed, {result['skipped']} skipped" + (
                 f" ({'; '.join(sorted(set(result['skip_reasons'])))})" if result["skip_reasons"] else "")
-        run.record(name, status, wall, limit, reason=reason, result=result)
+        run.record(name, status, wall, limit, reason=reason, result=result, title=title)
 
 
 def read_step_result(run, name):
@@ -421,8 +421,9 @@ def summary_markdown(s, out):
                   + f"; {k.get('torch_check', '')}.", ""]
     if s["te_skipped_because"]:
         lines += [f"Transformer Engine steps skipped: {s['te_skipped_because']}.", ""]
-    lines.append(md_table(["step", "status", "seconds", "limit", "note"],
-                          [[x["name"], x["status"], x["wall_s"], x["limit_s"], x["reason"] or ""] for x in s["steps"]]))
+    lines.append(md_table(["step", "what", "status", "seconds", "limit", "note"],
+                          [[x["name"], x["title"] or "", x["status"], x["wall_s"], x["limit_s"], x["reason"] or ""]
+                           for x in s["steps"]]))
     for x in s["steps"]:
         path = os.path.join(out, f"{x['name']}.md")
         if os.path.isfile(path):

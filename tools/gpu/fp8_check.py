@@ -82,7 +82,9 @@ def exactness(impl: str, recipe, dtype) -> dict:
                 layer = int(key.split("decoder.layers.")[1].split(".")[0]) + 1
                 scales[key] = layernorm_scale(layer)
                 state[key] = state[key] * scales[key]  # the product LNS forms in the forward, same dtype
-        pre.load_state_dict(state, strict=False)
+        missing, unexpected = pre.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if not k.endswith("_extra_state")]:
+            raise RuntimeError(f"the Pre-LN model's keys differ from the LNS model's: {missing} {unexpected}")
     scale_ok = all(layer.self_attention.linear_qkv.lns_scale == layernorm_scale(layer.layer_number)
                    if impl == "transformer_engine" else layer.input_layernorm.lns_scale == layernorm_scale(layer.layer_number)
                    for layer in lns.decoder.layers)
@@ -173,7 +175,7 @@ def markdown(result: dict) -> str:
           r.get("logits_max_abs_diff"), r.get("grads_bitwise"), r.get("grads_max_abs_diff"),
           r.get("norm_grads_bitwise"), r.get("norm_grads_max_abs_diff")] for r in result["exactness"]]))
     lines += ["", md_table(
-        ["recipe", "status", "steps", "first loss", f"final loss (mean of last 5)", "minus BF16", "relative",
+        ["recipe", "status", "steps", "first loss", "final loss (mean of last 5)", "minus BF16", "relative",
          "max per-step diff", "TFLOP/s/GPU"],
         [[r["recipe"], r["status"] + (f": {r['error']}" if r.get("error") else ""), r.get("steps"), r.get("first_loss"),
           r.get("final_loss"), r.get("final_loss_minus_bf16"), r.get("relative_to_bf16"),

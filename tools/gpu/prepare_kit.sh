@@ -37,7 +37,8 @@ PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --p
            --platform manylinux_2_12_x86_64 --platform manylinux2010_x86_64)
 pip_download() {  # wheels for the GPU machine's Python and platform, not this machine's
     python3 -m pip download -q --python-version "$PYTHON_VERSION" --implementation cp --abi "cp${PYTHON_VERSION/./}" \
-        --abi abi3 --abi none "${PLATFORMS[@]}" --platform any --only-binary=:all: -d "$1" "${@:2}"
+        --abi abi3 --abi none "${PLATFORMS[@]}" --platform any --only-binary=:all: -d "$1" "${@:2}" \
+        2> >(grep -v "is neither a file nor a directory" >&2)  # this machine's local indexes lack most names
 }
 
 say "1/4 downloading wheels for Python $PYTHON_VERSION into $DL"
@@ -94,7 +95,7 @@ say "done: $K transfers in $KIT_DIR, manifest $KIT_DIR/manifest.json. On the GPU
 for k in $(seq 1 "$K"); do
     if [ "$k" -lt "$K" ]; then
         echo "  carry [\"$KIT_DIR/transfer-$k\"]: bash tools/gpu/stage.sh $KIT_DIR/transfer-$k"
-    else
-        echo "  carry [\"$KIT_DIR/transfer-$k\"]: bash tools/gpu/stage.sh $KIT_DIR/transfer-$k && bash tools/gpu/run_checks.sh \$OUT"
+    else  # run_checks.sh stages the transfers carried with it
+        echo "  carry [\"$KIT_DIR/transfer-$k\"]: bash tools/gpu/run_checks.sh \$OUT"
     fi
 done
