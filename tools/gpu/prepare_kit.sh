@@ -63,7 +63,7 @@ else
         "$VENV/bin/pip" install -q "torch==$TORCH_VERSION" "nvidia-cuda-nvcc==$NVCC_SPEC" "nvidia-cuda-crt==$NVCC_SPEC" \
             "nvidia-nvvm==$NVCC_SPEC" "nvidia-cuda-cccl==$NVCC_SPEC" setuptools wheel pybind11 ninja
     fi
-    say "3/4 building transformer_engine_torch $TE_VERSION against torch $TORCH_VERSION (about 11 minutes on 2 cores)"
+    say "3/4 building transformer_engine_torch $TE_VERSION against torch $TORCH_VERSION (11 to 35 minutes on 2 cores)"
     SP=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
     [ -d "$SP/nvidia/cu$CUDA_MAJOR/bin" ] || fail "$SP/nvidia/cu$CUDA_MAJOR/bin is missing: torch $TORCH_VERSION is not a CUDA $CUDA_MAJOR build; set CUDA_MAJOR and NVCC_SPEC"
     rm -f "$BUILD/wheels"/transformer_engine_torch-*.whl "$BUILD/wheels"/.built-for-torch-*
