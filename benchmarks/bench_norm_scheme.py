@@ -2,17 +2,21 @@
 
 Both models are built side by side with the same flags; timed blocks alternate
 (pre, lns, pre, lns, ...) so that machine noise hits both alike. Prints the median
-step-time ratio lns/pre, peak memory of each (CUDA), and model FLOP/s.
+step-time ratio lns/pre, peak memory of each (CUDA), model FLOP/s and MFU against the GPU's dense peak
+(PEAK_TFLOPS; FP8 runs give both the BF16 and the FP8 figure). ``--json PATH`` also writes them as JSON.
 
     python benchmarks/bench_norm_scheme.py --preset tiny --micro-batch-size 8 --seq-length 64
     python benchmarks/bench_norm_scheme.py --preset llama-1b --bf16 --micro-batch-size 4 --seq-length 2048
     torchrun --nproc_per_node 8 benchmarks/bench_norm_scheme.py --preset llama-1b --bf16 \
         --transformer-impl transformer_engine --fp8-format hybrid ...
 
-Any lns-pretrain flag works; --mock-data is implied. Extra flags: --rounds, --steps-per-round.
+Any lns-pretrain flag works; --mock-data is implied. Extra flags: --rounds, --steps-per-round,
+--warmup-steps, --json. FP8 GEMMs need every dimension divisible by 16: for llama-1b (FFN 5461) pass
+e.g. --ffn-hidden-size 5504.
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -32,8 +36,24 @@ from lns_megatron.schemes.lns import HAVE_TE
 from lns_megatron.training.metrics import flops_per_iteration
 from lns_megatron.training.train import build_model, build_optimizer, forward_step, train_step
 
-# H100 SXM dense BF16 peak (FP8 doubles it); used for MFU.
-PEAK_TFLOPS = {"bf16": 989.0, "fp8": 1979.0}
+# Dense (no sparsity) peak TFLOP/s per GPU from NVIDIA's data sheets, matched against
+# torch.cuda.get_device_name() in this order (first match wins). Add yours for its MFU.
+PEAK_TFLOPS = [
+    ("H200 NVL", {"bf16": 835.0, "fp8": 1670.0}),
+    ("H200", {"bf16": 989.0, "fp8": 1979.0}),  # H200 SXM: the H100 SXM's compute, more memory
+    ("GH200", {"bf16": 989.0, "fp8": 1979.0}),
+    ("H100 NVL", {"bf16": 835.0, "fp8": 1670.0}),
+    ("H100 PCIe", {"bf16": 756.0, "fp8": 1513.0}),
+    ("H100", {"bf16": 989.0, "fp8": 1979.0}),  # H100 SXM5 ("NVIDIA H100 80GB HBM3")
+    ("A100", {"bf16": 312.0}),
+]
+
+
+def peak_tflops(device_name: str) -> dict:
+    for pattern, peaks in PEAK_TFLOPS:
+        if pattern in device_name:
+            return peaks
+    return {}
 
 
 def sync():
@@ -46,6 +66,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps-per-round", type=int, default=5)
     ap.add_argument("--warmup-steps", type=int, default=3)
+    ap.add_argument("--json", help="also write the figures to this JSON file")
     own, rest = ap.parse_known_args()
     if "--mock-data" not in rest and "--data-path" not in rest:
         rest += ["--mock-data"] + ([] if "--vocab-size" in rest else ["--vocab-size", "32000"])
@@ -106,26 +127,51 @@ def main():
     c = runs["lns"]["c"]
     flops = flops_per_iteration(c, vocab)
     world = dist.get_world_size()
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)"
+    peaks = peak_tflops(device) if cuda else {}
+    figures = dict(
+        device=device, world_size=world, preset=c.preset, num_layers=c.num_layers, hidden_size=c.hidden_size,
+        ffn_hidden_size=c.ffn_hidden_size, transformer_impl=c.transformer_impl, bf16=c.bf16,
+        fp8_format=c.fp8_format, fp8_recipe=c.fp8_recipe if c.fp8_format else None,
+        micro_batch_size=c.micro_batch_size, global_batch_size=c.global_batch_size, seq_length=c.seq_length,
+        flops_per_iteration=flops, peak_tflops=peaks, schemes={},
+    )
+    for scheme, run in runs.items():
+        t = statistics.median(run["times"])
+        tflops = flops / (t * 1e12 * world)
+        figures["schemes"][scheme] = dict(
+            step_ms=t * 1000, block_ms=[x * 1000 for x in run["times"]], tflops_per_gpu=tflops,
+            mfu_bf16=tflops / peaks["bf16"] if "bf16" in peaks else None,
+            mfu_fp8=tflops / peaks["fp8"] if c.fp8_format and "fp8" in peaks else None,
+            peak_memory_gib=run["peak"] / 2**30 if cuda else None,
+        )
+    ratios = [l / p for l, p in zip(runs["lns"]["times"], runs["pre"]["times"])]
+    diag, step = statistics.median(diag_times), statistics.median(lns["times"])
+    figures.update(step_time_ratio=statistics.median(ratios), step_time_ratio_per_round=ratios,
+                   depth_diagnostics_ms=diag * 1000, depth_diagnostics_share=diag / (100 * step),
+                   peak_memory_ratio=runs["lns"]["peak"] / runs["pre"]["peak"] if cuda else None)
     if dist.get_rank() == world - 1:
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
         print(f"device: {device} x {world} | preset {c.preset} | {c.num_layers}x{c.hidden_size} | impl {c.transformer_impl}"
-              f" | bf16 {c.bf16} | fp8 {c.fp8_format} | mbs {c.micro_batch_size} gbs {c.global_batch_size} seq {c.seq_length}")
-        for scheme, run in runs.items():
-            t = statistics.median(run["times"])
-            tflops = flops / (t * 1e12 * world)
-            peak = PEAK_TFLOPS["fp8" if c.fp8_format else "bf16"]
-            mem = f"{run['peak'] / 2**30:.2f} GiB" if torch.cuda.is_available() else "n/a (CPU)"
-            mfu = f" | MFU {100 * tflops / peak:.1f}%" if torch.cuda.is_available() else ""
-            print(f"{scheme:>4}: step {t * 1000:8.2f} ms (median of {len(run['times'])} blocks)"
-                  f" | {tflops:8.2f} TFLOP/s/GPU{mfu} | peak memory {mem}")
-        ratios = [l / p for l, p in zip(runs["lns"]["times"], runs["pre"]["times"])]
-        print(f"step-time ratio lns/pre: median {statistics.median(ratios):.4f} "
+              f" | bf16 {c.bf16} | fp8 {c.fp8_format} {c.fp8_recipe if c.fp8_format else ''}"
+              f"| mbs {c.micro_batch_size} gbs {c.global_batch_size} seq {c.seq_length}")
+        for scheme, f in figures["schemes"].items():
+            mfu = "".join(f" | MFU {100 * f[k]:.1f}% ({k[4:]} peak)" for k in ("mfu_bf16", "mfu_fp8") if f[k] is not None)
+            mem = f"{f['peak_memory_gib']:.2f} GiB" if cuda else "n/a (CPU)"
+            print(f"{scheme:>4}: step {f['step_ms']:8.2f} ms (median of {len(f['block_ms'])} blocks)"
+                  f" | {f['tflops_per_gpu']:8.2f} TFLOP/s/GPU{mfu} | peak memory {mem}")
+        if cuda and not peaks:
+            print(f"MFU: no peak for {device!r}; add it to PEAK_TFLOPS in benchmarks/bench_norm_scheme.py")
+        print(f"step-time ratio lns/pre: median {figures['step_time_ratio']:.4f} "
               f"(per round: {' '.join(f'{r:.3f}' for r in ratios)})")
-        diag, step = statistics.median(diag_times), statistics.median(lns["times"])
         print(f"depth diagnostics: {diag * 1000:.1f} ms per call = {100 * diag / (100 * step):.3f}% of training "
               f"time at the default --depth-log-interval 100")
-        if torch.cuda.is_available():
-            print(f"peak-memory ratio lns/pre: {runs['lns']['peak'] / runs['pre']['peak']:.4f}")
+        if cuda:
+            print(f"peak-memory ratio lns/pre: {figures['peak_memory_ratio']:.4f}")
+        if own.json:
+            with open(own.json + ".tmp", "w") as out:
+                json.dump(figures, out, indent=1)
+            os.replace(own.json + ".tmp", own.json)
     distributed.destroy()
 
 
