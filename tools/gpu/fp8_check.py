@@ -66,7 +66,7 @@ def exactness(impl: str, recipe, dtype) -> dict:
     models = {}
     for scheme in ("lns", "pre"):
         torch.manual_seed(0)
-        model = build_gpt_model(tiny_config(scheme, **over), vocab_size=vocab, max_sequence_length=seq,
+        model = build_gpt_model(tiny_config(**over), vocab_size=vocab, max_sequence_length=seq,
                                 norm_scheme=scheme, transformer_impl=impl)
         models[scheme] = model.cuda() if cuda else model
     lns, pre = models["lns"], models["pre"]
