@@ -40,7 +40,8 @@ def lns_transformer_config(output_layer_init: str = "plain", **config_kwargs) ->
     return TransformerConfig(**config_kwargs)
 
 
-def transformer_config(c: PretrainConfig):
+def transformer_config(c: PretrainConfig) -> TransformerConfig:
+    """The driver's flags as megatron-core's TransformerConfig (used by training and by the tools' loader)."""
     return lns_transformer_config(
         c.output_layer_init,
         num_layers=c.num_layers,
