@@ -101,6 +101,10 @@ class PretrainConfig:
     vocab_size: Optional[int] = _flag("vocabulary size for NullTokenizer / mock data")
     data_cache_path: Optional[str] = _flag("where megatron caches dataset indices")
     num_workers: int = _flag("data loader worker processes", 2)
+    eod_id: Optional[int] = _flag("end-of-document id (default: the one the --data-path datasets were prepared with, "
+                                  "else the tokenizer's end-of-text token)")
+    # Recorded by the driver in checkpoints, so the tools can refuse another tokenizer; not a flag.
+    tokenizer_identity: Optional[dict] = field(default=None, metadata=dict(derived=True))
     # Checkpoints and evaluation
     save: Optional[str] = _flag("checkpoint directory to save to")
     load: Optional[str] = _flag("checkpoint directory to resume from")

@@ -15,13 +15,15 @@ def main(argv=None) -> int:
     from lns_megatron.training import distributed
     from lns_megatron.training.checkpoint import CheckpointError
     from lns_megatron.config import ConfigError, parse_args
+    from lns_megatron.data.datasets import TokenIdError
     from lns_megatron.training.train import NonFiniteLossError, pretrain
 
     config = parse_args(argv)
     try:
         pretrain(config)
     except (ConfigError, CheckpointError, NonFiniteLossError) as e:
-        if int(os.environ.get("RANK", "0")) == 0 or isinstance(e, NonFiniteLossError):
+        # Start-up errors are the same on every rank; these two are seen by the rank that hit them.
+        if int(os.environ.get("RANK", "0")) == 0 or isinstance(e, (NonFiniteLossError, TokenIdError)):
             print(f"lns-pretrain: error: {e}", file=sys.stderr, flush=True)
         return 2 if not isinstance(e, NonFiniteLossError) else 3
     finally:

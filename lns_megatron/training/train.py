@@ -22,7 +22,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from lns_megatron.config import PretrainConfig, validate
-from lns_megatron.data import datasets
+from lns_megatron.data import datasets, metadata
 from lns_megatron.models.gpt import build_gpt_model, transformer_config
 from lns_megatron.schemes.lns import HAVE_TE
 from lns_megatron.training import checkpoint, distributed, probes
@@ -139,8 +139,9 @@ def pretrain(c: PretrainConfig) -> dict:
     """Train; returns {"losses": {iteration: loss}, "iteration": last} (for tests and scripts)."""
     validate(c, torch.cuda.is_available(), HAVE_TE)
     if c.data_path:
-        datasets.check_data_paths(c)
+        datasets.check_data_paths(c)  # may take --eod-id from the datasets' metadata
     tokenizer = datasets.build_tokenizer_from_config(c)
+    c.tokenizer_identity = metadata.tokenizer_identity(tokenizer)  # saved with checkpoints, checked by the tools
     if c.load is not None:
         checkpoint.latest_checkpoint(c.load)  # a clear error before any memory is allocated
     distributed.initialize(c.tensor_model_parallel_size, c.pipeline_model_parallel_size,
