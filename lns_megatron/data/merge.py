@@ -11,6 +11,7 @@ byte, the ``.bin/.idx`` that one run over all the files writes. Datasets without
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -145,10 +146,14 @@ def merge(input_dir: str, output_prefix: str, multimodal: bool = False, overwrit
     os.makedirs(out_dir, exist_ok=True)
     with atomic_files(finals) as (json_temp, bin_temp, idx_temp):
         builder = IndexedDatasetBuilder(bin_temp, dtype=dtype, multimodal=multimodal)
+        # add_index runs gc.collect() per input: with torch and megatron-core loaded that is ~0.7 s each here
+        # (150 inputs: 111 s). Frozen, the objects that exist now are not scanned again (150 inputs: 0.24 s).
+        gc.freeze()
         try:
             for prefix in summary.inputs:
                 builder.add_index(prefix)
         finally:
+            gc.unfreeze()
             builder.data_file.close()
         builder.finalize(idx_temp)
         if all(metas):  # Megatron-LM's datasets have none to carry over, and none is made up

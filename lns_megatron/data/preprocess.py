@@ -246,8 +246,12 @@ def _hf_records(args):
 _tokenizer = None
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _init_worker(tokenizer_args):
     global _tokenizer
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # forked while the parent held them
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it terminates the pool
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # so that pool.terminate() stops a worker
     _tokenizer = build_tokenizer(*tokenizer_args)
@@ -421,7 +425,12 @@ def run(args) -> Summary:
         builders = {key: IndexedDatasetBuilder(temps[key][1], dtype=dtype) for key in args.json_keys}
         try:
             if args.workers > 1:
-                pool = multiprocessing.get_context("fork").Pool(args.workers, _init_worker, (tokenizer_args,))
+                # A signal landing mid-creation would leave a pool that nothing terminates: hold it until `pool` is set.
+                signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+                try:
+                    pool = multiprocessing.get_context("fork").Pool(args.workers, _init_worker, (tokenizer_args,))
+                finally:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
                 submit = lambda chunk: pool.apply_async(process_chunk, (chunk, args.json_keys, args.append_eod))
             else:
                 _tokenizer = tokenizer
