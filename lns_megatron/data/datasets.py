@@ -69,10 +69,11 @@ def parse_split(split: str) -> List[float]:
     """--split as up to three non-negative train,valid,test weights (megatron-core's parser drops a
     minus sign and divides by zero on an all-zero split)."""
     parts = [p for p in re.split(r"[,/\s]+", split.strip()) if p]
-    weights = [_number(p) for p in parts]
     example = "give up to three non-negative train,valid,test weights, e.g. --split 969,30,1"
-    if not 1 <= len(parts) <= 3 or any(w is None or not math.isfinite(w) or w < 0 for w in weights):
+    # Plain decimals only: megatron-core reads the string again with the regex [.0-9]+.
+    if not 1 <= len(parts) <= 3 or not all(re.fullmatch(r"[0-9]*\.?[0-9]+", p) for p in parts):
         raise ConfigError(f"--split {split}: {example}")
+    weights = [float(p) for p in parts]
     if sum(weights) == 0:
         raise ConfigError(f"--split {split}: the weights sum to 0; {example}")
     return weights + [0.0] * (3 - len(weights))
@@ -117,8 +118,6 @@ def check_data_paths(c: PretrainConfig) -> None:
     tokenizer = build_tokenizer_from_config(c)
     for prefix, label, dataset, found in opened:
         documents = len(dataset.document_indices) - 1
-        if metadata.num_tokens(dataset) == 0:
-            raise ConfigError(f"{label}: the dataset holds no tokens; re-run tools/preprocess_data.py on non-empty text")
         metadata.check_token_ids(dataset, found, tokenizer, label)
         # megatron cuts each split by document index; an empty split would loop forever in GPTDataset.
         for name, bounds in zip(SPLIT_NAMES, split_matrix):

@@ -107,17 +107,24 @@ def open_indexed(prefix: str, label: str, multimodal: bool = False):
         first_doc = struct.unpack("<q", f.read(8))[0]
         f.seek(_HEADER.size + sequences * 12 + (doc_entries - 1) * 8)
         last_doc = struct.unpack("<q", f.read(8))[0]
+        implied = 0  # the .bin size the last sequence's pointer and length imply
+        if sequences:
+            f.seek(_HEADER.size + (sequences - 1) * 4)
+            last_length = struct.unpack("<i", f.read(4))[0]
+            f.seek(_HEADER.size + sequences * 4 + (sequences - 1) * 8)
+            implied = struct.unpack("<q", f.read(8))[0] + last_length * DType.size(code)
     if first_doc != 0 or last_doc != sequences:
         raise DataError(f"{label}: {idx_path} is damaged: its document index runs {first_doc}..{last_doc}, not "
                         f"0..{sequences}; {rerun}")
-    dataset = IndexedDataset(prefix, multimodal=multimodal, mmap=True)
-    index = dataset.index
-    itemsize = index.dtype_size
-    implied = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * itemsize if sequences else 0
     bin_size = os.path.getsize(bin_path)
     if bin_size != implied:
         raise DataError(f"{label}: {bin_path} holds {bin_size} bytes, its .idx describes {implied} "
                         f"({'truncated' if bin_size < implied else 'longer: written by another run'}); {rerun}")
+    if bin_size == 0:  # megatron's reader cannot memory-map an empty file
+        raise DataError(f"{label}: the dataset holds no tokens; re-run tools/preprocess_data.py on non-empty text")
+    dataset = IndexedDataset(prefix, multimodal=multimodal, mmap=True)
+    index = dataset.index
+    itemsize = index.dtype_size
     # The pointers must step by the lengths; checked at evenly spaced places (bounded work).
     at = np.unique(np.linspace(0, max(sequences - 2, 0), min(sequences - 1, 256)).astype(np.int64)) if sequences > 1 \
         else np.zeros(0, np.int64)
