@@ -251,9 +251,9 @@ _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 def _init_worker(tokenizer_args):
     global _tokenizer
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # forked while the parent held them
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it terminates the pool
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # so that pool.terminate() stops a worker
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # forked while the parent held them
     _tokenizer = build_tokenizer(*tokenizer_args)
 
 
