@@ -21,10 +21,11 @@ In one script, alternating, on the same input, tokenizer and worker count:
   --legacy-tokenizer (the default fetches "gpt2" from the Hugging Face Hub). Megatron-LM's tool imports
   `triton` through megatron.training; where triton is not installed, the run stubs the one module that
   needs it (GPU kernels the data tool never calls), in memory, and changes no file.
-- --shards 1,2,4: the corpus cut into 16 files; for each N, the N shards run one after another, each
-  with --workers (what each of N machines would do), then tools/merge_datasets.py. Printed per N: the
-  slowest shard, the merge, their sum (the wall time on N such machines), and the sum over shards (the
-  work, start-ups included); the merged output is checked byte-identical to N=1.
+- --shards 1,2,4: the corpus cut into 32 files of as many lines (uneven in bytes, as real dumps are);
+  for each N, the N shards run one after another, each with --workers (what each of N machines would
+  do), then tools/merge_datasets.py. Printed per N: the slowest shard, the merge, their sum (the wall
+  time on N such machines), and the sum over shards (the work, start-ups included); the merged output
+  is checked byte-identical to N=1.
 
 --memory also runs our tool on the corpus and on a corpus 4 times larger and prints the peak resident
 memory of its main process and of its largest worker for both: memory stays flat as the input grows.
@@ -285,12 +286,14 @@ def main():
               f"{identical}")
     if args.shards:
         split = os.path.join(work, "split")
-        split_corpus(corpus, split, 16)
+        split_corpus(corpus, split, 32)
         reference = None
         for count in map(int, args.shards.split(",")):
             shard_dir = os.path.join(work, f"shards_{count}")
-            walls = [timed(ours(os.path.join(shard_dir, f"s{i:03d}"), split, "--shard", f"{i}/{count}"), ours_env)[0]
-                     for i in range(count)]
+            runs_out = [timed(ours(os.path.join(shard_dir, f"s{i:03d}"), split, "--shard", f"{i}/{count}"), ours_env)
+                        for i in range(count)]
+            walls = [wall for wall, _ in runs_out]
+            shard_mb = [int(re.search(r"\| bytes: (\d+) \|", out).group(1)) / 1e6 for _, out in runs_out]
             merged = os.path.join(work, f"merged_{count}")
             merge_wall = timed([sys.executable, os.path.join(ROOT, "tools", "merge_datasets.py"), "--input", shard_dir,
                                 "--output-prefix", merged], ours_env)[0]
@@ -299,7 +302,8 @@ def main():
             identical &= same
             print(f"shards {count:>2}: slowest shard {max(walls):6.2f} s + merge {merge_wall:5.2f} s = "
                   f"{max(walls) + merge_wall:6.2f} s on {count} machine(s) | sum over shards {sum(walls):6.2f} s | "
-                  f"merged output identical to 1 shard: {same}")
+                  f"merged output identical to 1 shard: {same} | text per shard "
+                  f"{', '.join(f'{mb:.0f}' for mb in shard_mb)} MB")
     if args.memory:
         big = os.path.join(work, "corpus_x4.jsonl")
         with open(big, "w") as out:

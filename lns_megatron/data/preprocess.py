@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip-invalid", action="store_true",
                    help="skip malformed lines (bad JSON, invalid UTF-8, a missing key), count and report them")
     g.add_argument("--shard", metavar="I/N", help="process only the I-th (0-based) of N contiguous ranges of the sorted "
-                   "input files (or rows of --hf-dataset); merge the N outputs with tools/merge_datasets.py")
+                   "input files, about equal in bytes (or of the rows of --hf-dataset); merge the N outputs with "
+                   "tools/merge_datasets.py")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
     g.add_argument("--tokenizer-model", default=None)
@@ -108,14 +109,25 @@ def parse_shard(text: Optional[str]) -> Optional[Tuple[int, int]]:
 
 
 def shard_files(files: List[str], shard: Optional[Tuple[int, int]]) -> List[str]:
-    """The shard's contiguous range of the sorted files: shards 0..N-1 in order are all of them."""
+    """The shard's contiguous range of the sorted files, the N ranges as equal in bytes as whole files
+    allow (at least one file each): shards 0..N-1 in order are all of them. Every shard computes the
+    same cuts from the same list and sizes, so N jobs need no coordination."""
     if shard is None:
         return files
     index, count = shard
     if len(files) < count:
         raise PreprocessError(f"--shard {index}/{count}: only {len(files)} input files, fewer than the {count} shards "
                               f"(sharding splits the sorted file list); use at most {len(files)} shards")
-    return files[index * len(files) // count:(index + 1) * len(files) // count]
+    before = np.cumsum([0] + [max(os.path.getsize(f), 1) for f in files])  # bytes before file j
+    cuts = [0]
+    for k in range(1, count):
+        target = k * before[-1] / count
+        j = int(np.searchsorted(before, target))  # the first cut at or after the target...
+        if j > 0 and target - before[j - 1] < before[j] - target:  # ...or the one before, if nearer
+            j -= 1
+        cuts.append(min(max(j, cuts[-1] + 1), len(files) - (count - k)))
+    cuts.append(len(files))
+    return files[cuts[index]:cuts[index + 1]]
 
 
 class _TruncatedZstd(EOFError):
@@ -392,7 +404,8 @@ def _shard_record(args, shard) -> Optional[dict]:
     if shard is None:
         return None
     every = input_files(args.input) if args.input else [args.hf_dataset, args.hf_config, args.hf_split]
-    listing = hashlib.sha256("\n".join(os.path.abspath(f) if args.input else str(f) for f in every).encode())
+    listing = hashlib.sha256("\n".join(f"{os.path.abspath(f)}\t{os.path.getsize(f)}" if args.input else str(f)
+                                       for f in every).encode())  # the sizes decide the cuts too
     return dict(index=shard[0], count=shard[1], of_inputs=len(every) if args.input else None,
                 inputs_sha256=listing.hexdigest())
 

@@ -75,6 +75,21 @@ def test_shards_merged_are_byte_identical_to_one_run(single_and_shards, tmp_path
     assert sorted(os.listdir(tmp_path / "merged")) == ["corpus_text_document" + e for e in (".bin", ".idx", ".json")]
 
 
+def test_shards_are_contiguous_and_balanced_in_bytes(tmp_path):
+    from lns_megatron.data.preprocess import shard_files
+
+    files = []
+    for name, size in zip("abcdefg", [100, 100, 100, 1000, 50, 50, 3000]):
+        (tmp_path / name).write_bytes(b"x" * size)
+        files.append(str(tmp_path / name))
+    cut = lambda n: [[os.path.basename(f) for f in shard_files(files, (i, n))] for i in range(n)]
+    assert cut(2) == [list("abcdef"), ["g"]]  # by count it would be abcd | efg: 1,300 bytes against 3,100
+    for n in range(1, 8):
+        shards = cut(n)
+        assert sum(shards, []) == list("abcdefg") and all(shards)  # in order, all of them, none empty
+    assert cut(7) == [[n] for n in "abcdefg"]
+
+
 def test_hf_dataset_rows_shard_and_merge(tmp_path, tokenizer_dir):
     import datasets
 
