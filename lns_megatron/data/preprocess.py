@@ -277,20 +277,20 @@ class ChunkResult:
     invalid: List[str] = field(default_factory=list)
 
 
-def _decode(data: bytes, where) -> str:
-    """UTF-8 text, or an error string naming the line (``where(offset)`` gives it) and the byte."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _Invalid(f"{where(e.start)}: invalid UTF-8 (byte 0x{data[e.start]:02x}); convert the file to UTF-8 "
-                       "(e.g. iconv -f latin1 -t utf-8)") from None
-
-
 class _Invalid(Exception):
     pass
 
 
 NEWLINE = b"\n"
+
+
+def _decode(data: bytes, where) -> str:
+    """UTF-8 text; else _Invalid naming the place (``where(byte offset)`` gives it) and the byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _Invalid(f"{where(e.start)}: invalid UTF-8 (byte 0x{data[e.start]:02x}); convert the file to UTF-8 "
+                       "(e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def _texts(location, raw, keys):
