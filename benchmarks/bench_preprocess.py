@@ -37,6 +37,7 @@ import json
 import os
 import random
 import re
+import resource
 import subprocess
 import sys
 import sysconfig
@@ -98,12 +99,22 @@ def make_tokenizer(directory, corpus):
     tok.model.save(directory)  # vocab.json + merges.txt, for GPT2BPETokenizer
 
 
-def timed(cmd, env):
+def timed_cpu(cmd, env):
+    """(wall seconds, CPU seconds of the command and all its processes, stdout). On a machine shared with
+    other work the CPU seconds are the steadier measure of what a tool costs."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
-    return time.perf_counter() - start, proc.stdout
+    return wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, proc.stdout
+
+
+def timed(cmd, env):
+    wall, _, stdout = timed_cpu(cmd, env)
+    return wall, stdout
 
 
 # The bare engine: JSON lines -> encode_batch_fast in `workers` processes, chunks of 1,024 as ours.
@@ -246,18 +257,24 @@ def main():
     # time spent on the corpus itself, without the start-up (imports, tokenizer, pool) both tools pay.
     times = {name: [] for name in runs}
     startup = {name: [] for name in runs}
+    cpu = {name: [] for name in [*runs, "engine"]}
+    startup_cpu = {name: [] for name in runs}
     ours_seconds, engine_seconds, engine_wall = [], [], []
     for _ in range(args.repeats):
         for name, (command, env) in runs.items():
-            wall, out = timed(command(os.path.join(work, name)), env)
+            wall, seconds, out = timed_cpu(command(os.path.join(work, name)), env)
             times[name].append(wall)
+            cpu[name].append(seconds)
             if name == "ours":
                 ours_seconds.append(internal_seconds(out))
-                wall, out = timed(engine, os.environ)
+                wall, seconds, out = timed_cpu(engine, os.environ)
                 engine_wall.append(wall)
+                cpu["engine"].append(seconds)
                 engine_seconds.append(float(out.split()[1]))
                 engine_tokens = int(out.split()[3])
-            startup[name].append(timed(command(os.path.join(work, name + "_one"), one_doc), env)[0])
+            wall, seconds, _ = timed_cpu(command(os.path.join(work, name + "_one"), one_doc), env)
+            startup[name].append(wall)
+            startup_cpu[name].append(seconds)
             os.remove(os.path.join(work, name + "_one_text_document.bin"))
             os.remove(os.path.join(work, name + "_one_text_document.idx"))
     docs = {}
@@ -278,6 +295,11 @@ def main():
           f"(bare encode_batch_fast, {args.workers} processes) | same tokens as ours: {engine_tokens == ours_tokens}")
     print(f"ours / engine throughput: {min(engine_seconds) / min(ours_seconds):.3f} (ours {min(ours_seconds):.2f} s "
           f"processing vs the engine's {min(engine_seconds):.2f} s; goal >= 0.9)")
+    work_cpu = {name: min(cpu[name]) - (min(startup_cpu[name]) if name in startup_cpu else 0) for name in cpu}
+    print("CPU seconds, all processes (without start-up): "
+          + " | ".join(f"{name} {min(cpu[name]):.1f} ({work_cpu[name]:.1f})" for name in cpu)
+          + f" | ours / engine throughput by CPU: {work_cpu['engine'] / work_cpu['ours']:.3f}"
+          + (f" | ours / megatron-lm by CPU: {work_cpu['megatron-lm'] / work_cpu['ours']:.2f}x" if args.megatron_lm else ""))
     identical = True
     if args.megatron_lm:
         identical = docs["ours"] == docs["megatron-lm"]
@@ -290,18 +312,19 @@ def main():
         reference = None
         for count in map(int, args.shards.split(",")):
             shard_dir = os.path.join(work, f"shards_{count}")
-            runs_out = [timed(ours(os.path.join(shard_dir, f"s{i:03d}"), split, "--shard", f"{i}/{count}"), ours_env)
-                        for i in range(count)]
-            walls = [wall for wall, _ in runs_out]
-            shard_mb = [int(re.search(r"\| bytes: (\d+) \|", out).group(1)) / 1e6 for _, out in runs_out]
+            runs_out = [timed_cpu(ours(os.path.join(shard_dir, f"s{i:03d}"), split, "--shard", f"{i}/{count}"),
+                                  ours_env) for i in range(count)]
+            walls, cpus = [wall for wall, _, _ in runs_out], [c for _, c, _ in runs_out]
+            shard_mb = [int(re.search(r"\| bytes: (\d+) \|", out).group(1)) / 1e6 for _, _, out in runs_out]
             merged = os.path.join(work, f"merged_{count}")
-            merge_wall = timed([sys.executable, os.path.join(ROOT, "tools", "merge_datasets.py"), "--input", shard_dir,
-                                "--output-prefix", merged], ours_env)[0]
+            merge_wall, merge_cpu, _ = timed_cpu([sys.executable, os.path.join(ROOT, "tools", "merge_datasets.py"),
+                                                  "--input", shard_dir, "--output-prefix", merged], ours_env)
             same = reference is None or all(filecmp.cmp(merged + e, reference + e, shallow=False) for e in (".bin", ".idx"))
             reference = reference or merged
             identical &= same
             print(f"shards {count:>2}: slowest shard {max(walls):6.2f} s + merge {merge_wall:5.2f} s = "
                   f"{max(walls) + merge_wall:6.2f} s on {count} machine(s) | sum over shards {sum(walls):6.2f} s | "
+                  f"CPU seconds: largest shard {max(cpus):6.1f}, merge {merge_cpu:4.1f}, all shards {sum(cpus):6.1f} | "
                   f"merged output identical to 1 shard: {same} | text per shard "
                   f"{', '.join(f'{mb:.0f}' for mb in shard_mb)} MB")
     if args.memory:
