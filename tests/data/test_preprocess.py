@@ -229,7 +229,8 @@ def test_interrupted_run_leaves_no_final_files(tmp_path, tokenizer_dir, signum, 
 
 
 def test_missing_tokenizer_and_input(tmp_path, capsys):
-    error = refused(capsys, tmp_path, "--input", tmp_path / "none.jsonl", "--output-prefix", tmp_path / "o",
+    write_jsonl(tmp_path / "a.jsonl", ["hello"])
+    error = refused(capsys, tmp_path, "--input", tmp_path / "a.jsonl", "--output-prefix", tmp_path / "o",
                     "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tmp_path / "nope")
     assert f"--tokenizer-model {tmp_path / 'nope'}: no such file" in error
     error = refused(capsys, tmp_path, "--input", tmp_path / "none.jsonl", "--output-prefix", tmp_path / "o",
