@@ -141,6 +141,8 @@ class PretrainConfig:
     vocab_size: Optional[int] = _flag("vocabulary size for NullTokenizer / mock data", **POSITIVE)
     data_cache_path: Optional[str] = _flag("where megatron caches dataset indices")
     num_workers: int = _flag("data loader worker processes", 2, **NON_NEGATIVE)
+    eod_id: Optional[int] = _flag("end-of-document id (default: the one the --data-path datasets were prepared with, "
+                                  "else the tokenizer's end-of-text token)", **NON_NEGATIVE)
     # Checkpoints and evaluation
     save: Optional[str] = _flag("checkpoint directory to save to")
     load: Optional[str] = _flag("checkpoint directory to resume from")
@@ -171,8 +173,7 @@ class PretrainConfig:
 
     # Derived at start (and saved with each checkpoint, which a resume is compared with)
     world_size: int = field(default=1, metadata=dict(derived=True))
-    tokenizer_vocab_size: Optional[int] = field(default=None, metadata=dict(derived=True))
-    tokenizer_fingerprint: Optional[str] = field(default=None, metadata=dict(derived=True))
+    tokenizer_identity: Optional[dict] = field(default=None, metadata=dict(derived=True))  # data.metadata's
     padded_vocab_size: Optional[int] = field(default=None, metadata=dict(derived=True))
 
     @property

@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+from typing import List, Sequence
 
 
 @contextlib.contextmanager
@@ -28,3 +29,26 @@ def atomic_directory(output: str):
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_files(paths: Sequence[str]):
+    """Yields a temporary name beside each of ``paths``; if the block succeeds, the temporaries it wrote
+    replace ``paths`` in the given order (put the file that makes the set look complete last), else they
+    are removed. Files already under the final names go first, last one first, so an interrupted
+    replacement never pairs an old file with a new one, and a path the block did not write is left
+    absent rather than stale."""
+    tag = f".tmp-{os.getpid()}"
+    temps: List[str] = [path + tag for path in paths]
+    try:
+        yield temps
+        for path in reversed(paths):
+            if os.path.exists(path):
+                os.remove(path)
+        for temp, path in zip(temps, paths):
+            if os.path.exists(temp):
+                os.replace(temp, path)
+    finally:
+        for temp in temps:
+            if os.path.exists(temp):
+                os.remove(temp)

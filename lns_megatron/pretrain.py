@@ -21,6 +21,7 @@ def main(argv=None) -> int:
 
     reaper.start()  # before torch: the watchdog stays small
     from lns_megatron.config import ConfigError, parse_args
+    from lns_megatron.data.datasets import TokenIdError
     from lns_megatron.training import distributed
     from lns_megatron.training.checkpoint import CheckpointError
     from lns_megatron.training.safety import CollectiveError, NonFiniteError
@@ -29,8 +30,8 @@ def main(argv=None) -> int:
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         pretrain(parse_args(argv))
-    except (ConfigError, CheckpointError) as e:  # the same on every rank: said once
-        if rank0:
+    except (ConfigError, CheckpointError) as e:  # the same on every rank: said once; a bad token id where met
+        if rank0 or isinstance(e, TokenIdError):
             print(f"lns-pretrain: error: {e}", file=sys.stderr, flush=True)
         return 2
     except (NonFiniteError, CollectiveError) as e:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 from collections import OrderedDict
-from typing import List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 TOKENIZER_TYPES = ("HuggingFaceTokenizer", "SentencePieceTokenizer", "TikTokenizer", "GPT2BPETokenizer",
                    "NullTokenizer")
@@ -20,25 +21,12 @@ class Tokenizer:
     """What megatron-core's GPTDataset needs (``vocab_size``, ``eod``, ``unique_identifiers``),
     plus batch tokenization for the data tool."""
 
-    def __init__(self, kind: str, source: str, vocab_size: int, eod: int):
+    def __init__(self, kind: str, source: str, vocab_size: int, eod: int, files: Tuple[str, ...] = ()):
         self.kind, self.source = kind, source
         self.vocab_size = vocab_size
         self.eod = eod
-        self.files: Sequence[str] = ()  # the files that define it (set by build_tokenizer)
+        self.files = files  # what it was loaded from
         # No ``pad``: megatron's GPTDataset masks the loss on pad tokens, and the only spare id would be EOD.
-
-    @property
-    def fingerprint(self) -> Optional[str]:
-        """sha256 (first 16 hex digits) of the bytes of the files that define the tokenizer: its identity
-        whatever path they are read from. None for NullTokenizer, which has no files."""
-        if not self.files:
-            return None
-        digest = hashlib.sha256()
-        for path in self.files:
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-        return digest.hexdigest()[:16]
 
     @property
     def unique_identifiers(self) -> OrderedDict:
@@ -53,12 +41,24 @@ class Tokenizer:
     def detokenize(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
 
+    def vocab_digest(self) -> Optional[str]:
+        """sha256 of the id -> token table: equal exactly when ids mean the same tokens, however the
+        files were saved (None: a NullTokenizer, whose ids mean whatever the data says)."""
+        digest = hashlib.sha256()
+        for token_id, token in self._id_table():
+            token = token.encode("utf-8", "surrogatepass") if isinstance(token, str) else token
+            digest.update(struct.pack("<qI", token_id, len(token)) + token)
+        return digest.hexdigest()
+
+    def _id_table(self) -> Iterable[Tuple[int, object]]:
+        raise NotImplementedError
+
 
 class _HuggingFace(Tokenizer):
-    def __init__(self, tok, source, eod_id):
+    def __init__(self, tok, source, eod_id, files):
         self._tok = tok
         eod = eod_id if eod_id is not None else _find_eod(tok.token_to_id, source)
-        super().__init__("HuggingFaceTokenizer", source, tok.get_vocab_size(with_added_tokens=True), eod)
+        super().__init__("HuggingFaceTokenizer", source, tok.get_vocab_size(with_added_tokens=True), eod, files)
 
     def tokenize_batch(self, texts):
         # encode_batch_fast (tokenizers >= 0.20) skips the character offsets we never use: ~1.5x faster.
@@ -67,6 +67,9 @@ class _HuggingFace(Tokenizer):
 
     def detokenize(self, ids):
         return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def _id_table(self):
+        return sorted((i, token) for token, i in self._tok.get_vocab(with_added_tokens=True).items())
 
 
 class _SentencePiece(Tokenizer):
@@ -78,13 +81,16 @@ class _SentencePiece(Tokenizer):
         if eod is None or eod < 0:
             raise ValueError(f"--tokenizer-model {path}: the SentencePiece model has no end-of-sentence token; "
                              "pass --eod-id N")
-        super().__init__("SentencePieceTokenizer", path, self._sp.get_piece_size(), eod)
+        super().__init__("SentencePieceTokenizer", path, self._sp.get_piece_size(), eod, (path,))
 
     def tokenize_batch(self, texts):
         return self._sp.encode(list(texts))
 
     def detokenize(self, ids):
         return self._sp.decode(list(ids))
+
+    def _id_table(self):
+        return ((i, self._sp.id_to_piece(i)) for i in range(self.vocab_size))
 
 
 class _TikToken(Tokenizer):
@@ -94,17 +100,20 @@ class _TikToken(Tokenizer):
         import tiktoken
         from tiktoken.load import load_tiktoken_bpe
 
-        ranks = load_tiktoken_bpe(path)
+        self._ranks = ranks = load_tiktoken_bpe(path)
         eod = eod_id if eod_id is not None else len(ranks)  # <|endoftext|> right after the merges
         self._enc = tiktoken.Encoding(name=os.path.basename(path), pat_str=self.PATTERN, mergeable_ranks=ranks,
                                       special_tokens={"<|endoftext|>": eod} if eod >= len(ranks) else {})
-        super().__init__("TikTokenizer", path, max(len(ranks), eod + 1), eod)
+        super().__init__("TikTokenizer", path, max(len(ranks), eod + 1), eod, (path,))
 
     def tokenize_batch(self, texts):
         return self._enc.encode_ordinary_batch(list(texts))
 
     def detokenize(self, ids):
         return self._enc.decode(list(ids))
+
+    def _id_table(self):
+        return sorted((rank, token) for token, rank in self._ranks.items())
 
 
 class _Null(Tokenizer):
@@ -121,6 +130,9 @@ class _Null(Tokenizer):
 
     def detokenize(self, ids):
         return " ".join(str(i) for i in ids)
+
+    def vocab_digest(self):
+        return None
 
 
 def _find_eod(token_to_id, source):
@@ -143,15 +155,6 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None, 
                     merge_file: Optional[str] = None, vocab_size: Optional[int] = None,
                     eod_id: Optional[int] = None) -> Tokenizer:
     """A tokenizer from local files. Bad input raises ValueError naming the flag and the fix."""
-    tokenizer = _build(tokenizer_type, tokenizer_model, vocab_file, merge_file, vocab_size, eod_id)
-    if tokenizer_type == "GPT2BPETokenizer":
-        tokenizer.files = (vocab_file, merge_file)
-    elif tokenizer_type != "NullTokenizer":
-        tokenizer.files = (tokenizer.source,)
-    return tokenizer
-
-
-def _build(tokenizer_type, tokenizer_model, vocab_file, merge_file, vocab_size, eod_id) -> Tokenizer:
     if tokenizer_type == "NullTokenizer":
         return _Null(vocab_size, eod_id)
     if tokenizer_type == "HuggingFaceTokenizer":
@@ -166,7 +169,7 @@ def _build(tokenizer_type, tokenizer_model, vocab_file, merge_file, vocab_size, 
             tok = HFTokenizer.from_file(path)
         except Exception as e:
             raise ValueError(f"--tokenizer-model {path}: not a Hugging Face tokenizer.json ({e})") from None
-        return _HuggingFace(tok, path, eod_id)
+        return _HuggingFace(tok, path, eod_id, (path,))
     if tokenizer_type == "SentencePieceTokenizer":
         _need_file("--tokenizer-model", tokenizer_model)
         return _SentencePiece(tokenizer_model, eod_id)
@@ -182,5 +185,5 @@ def _build(tokenizer_type, tokenizer_model, vocab_file, merge_file, vocab_size, 
         tok = HFTokenizer(models.BPE.from_file(vocab_file, merge_file))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        return _HuggingFace(tok, vocab_file, eod_id)
+        return _HuggingFace(tok, vocab_file, eod_id, (vocab_file, merge_file))
     raise ValueError(f"--tokenizer-type {tokenizer_type}: unknown; choose one of {', '.join(TOKENIZER_TYPES)}")

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lns_megatron.data import metadata
 from lns_megatron.files import atomic_directory
 from lns_megatron.training.checkpoint import CheckpointError, LoadedModel, load_model
 from lns_megatron.training.probes import angular_distance, layer_input, layer_output
@@ -184,21 +185,25 @@ def _jsonl_windows(path, json_key, tokenizer, seq_length, num_samples, seed):
     return _windows(stream, seq_length, num_samples, seed, f"--input {path}")
 
 
-def _indexed_windows(prefix, split, seq_length, num_samples, vocab_limit, seed):
-    from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix,
-        parse_and_normalize_split,
-    )
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+def _indexed_windows(prefix, split, seq_length, num_samples, tokenizer, vocab_limit, seed):
+    from megatron.core.datasets.blended_megatron_dataset_config import convert_split_vector_to_split_matrix
 
-    for suffix in (".bin", ".idx"):
-        if not os.path.isfile(prefix + suffix):
-            raise ReportError(f"--data-path {prefix}: {prefix + suffix} not found; give the prefix that "
-                              "tools/preprocess_data.py wrote (e.g. data/corpus_text_document)")
-    dataset = IndexedDataset(prefix, mmap=True)
+    from lns_megatron.config import ConfigError
+    from lns_megatron.data import datasets, metadata
+
+    label = f"--data-path {prefix}"
+    try:  # the driver's checks: whole files, this tokenizer (so this EOD), a well-formed --split
+        dataset = metadata.open_indexed(prefix, label)
+        found = metadata.read_metadata(prefix, label)
+        if found is not None:
+            metadata.check_metadata_matches(found, dataset, label)
+        metadata.check_token_ids(dataset, found, tokenizer, label)
+        weights = datasets.parse_split(split) if split is not None else None
+    except ConfigError as e:
+        raise ReportError(str(e)) from None
     first, last = 0, len(dataset)
-    if split is not None:  # the validation part of the split: the documents training did not see
-        bounds = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))[1]
+    if weights is not None:  # the validation part of the split: the documents training did not see
+        bounds = convert_split_vector_to_split_matrix([w / sum(weights) for w in weights])[1]
         if bounds is None:
             raise ReportError(f"--split {split}: the validation split is empty; give it a weight, e.g. --split 0,1,0 "
                               "to use every document")
@@ -254,14 +259,16 @@ def held_out_windows(loaded: LoadedModel, args) -> (torch.Tensor, str):
         if split is None and c.data_path and args.data_path in c.data_path:
             split = c.split  # the run's own data: use its validation split only
         where = f"--data-path {args.data_path}" + (f" (validation part of split {split})" if split else "")
-        windows = _indexed_windows(args.data_path, split, seq, args.num_samples, loaded.model.vocab_size, args.seed)
+        windows = _indexed_windows(args.data_path, split, seq, args.num_samples, loaded.tokenizer,
+                                   loaded.model.vocab_size, args.seed)
         return windows, where
     if args.mock_data or c.mock_data:
         return (_mock_windows(c, loaded.tokenizer, seq, args.num_samples, args.seed),
                 f"megatron MockGPTDataset (seed {args.seed})")
     if c.data_path:
         prefix = c.data_path[-1]
-        return (_indexed_windows(prefix, c.split, seq, args.num_samples, loaded.model.vocab_size, args.seed),
+        return (_indexed_windows(prefix, c.split, seq, args.num_samples, loaded.tokenizer, loaded.model.vocab_size,
+                                 args.seed),
                 f"--data-path {prefix} (validation part of split {c.split}, from the run's config)")
     raise ReportError("no held-out data: give --input FILE.jsonl, --data-path PREFIX or --mock-data")
 
@@ -528,9 +535,8 @@ def run(args) -> List[DepthReport]:
             where += f"; {len(windows)} windows of {windows.shape[1] - 1} tokens drawn at random (seed {args.seed})"
             first = loaded
         else:
-            same = (loaded.tokenizer.vocab_size, loaded.tokenizer.fingerprint) == \
-                   (first.tokenizer.vocab_size, first.tokenizer.fingerprint)
-            if not same:
+            if metadata.tokenizer_mismatch(metadata.tokenizer_identity(first.tokenizer),
+                                           metadata.tokenizer_identity(loaded.tokenizer)):
                 raise ReportError(f"--compare {root} was trained with another tokenizer than --load {args.load}; "
                                   "the two cannot be measured on the same held-out tokens")
             if windows.shape[1] - 1 > loaded.config.max_position_embeddings:

@@ -25,7 +25,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from lns_megatron.config import ConfigError, PretrainConfig
-from lns_megatron.data import datasets
+from lns_megatron.data import datasets, metadata
 from lns_megatron.models.gpt import build_gpt_model, transformer_config, unwrap
 from lns_megatron.training import distributed
 
@@ -285,6 +285,14 @@ def load_model(root: str, tokenizer_model: Optional[str] = None, tokenizer_type:
     except ConfigError as e:
         raise CheckpointError(f"checkpoint {directory} was trained with --tokenizer-type {config.tokenizer_type}: {e} "
                               "(pass --tokenizer-model PATH to point at the tokenizer's current location)") from None
+    if config.tokenizer_identity:  # recorded by the driver: another tokenizer would trim or misread the vocabulary
+        given = metadata.tokenizer_identity(tokenizer)
+        mismatch = metadata.tokenizer_mismatch(config.tokenizer_identity, given)
+        if mismatch:
+            raise CheckpointError(
+                f"checkpoint {directory} was trained with {metadata.describe_tokenizer(config.tokenizer_identity)}, "
+                f"the tokenizer given is {metadata.describe_tokenizer(given)} ({mismatch}); pass --tokenizer-model the "
+                "tokenizer the run was trained with")
     padded = datasets.padded_vocab_size(tokenizer.vocab_size, config.make_vocab_size_divisible_by,
                                         config.tensor_model_parallel_size)  # the padding of the training layout
 

@@ -30,21 +30,20 @@ import torch
 import torch.distributed as dist
 
 from lns_megatron.config import ConfigError, PretrainConfig, flag_name
+from lns_megatron.data import metadata
 
 # What defines the function the checkpoint computes: a resume with other values is refused.
 ARCHITECTURE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                 "max_position_embeddings", "normalization", "norm_epsilon", "apply_layernorm_1p", "qk_layernorm",
                 "swiglu", "disable_bias_linear", "position_embedding_type", "rotary_base",
                 "untie_embeddings_and_output_weights", "norm_scheme")
-TOKENIZER = ("tokenizer_type", "tokenizer_vocab_size", "tokenizer_fingerprint")
+TOKENIZER = ("tokenizer_type",)  # and the tokenizer's identity: its id -> token table, vocabulary and EOD
 # What a resume may change on purpose (another data blend for annealing, a longer context): said, not refused.
 DATA = ("data_path", "split", "mock_data", "seq_length", "global_batch_size")
 # Flags --use-checkpoint-args takes from the checkpoint.
 CHECKPOINT_ARGS = ARCHITECTURE + ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size",
-                                  "make_vocab_size_divisible_by")
+                                  "eod_id", "make_vocab_size_divisible_by")
 DERIVED_LABELS = {
-    "tokenizer_vocab_size": "tokenizer vocabulary (--vocab-size, --tokenizer-model)",
-    "tokenizer_fingerprint": "tokenizer files (--tokenizer-model, --vocab-file, --merge-file)",
     "padded_vocab_size": "padded vocabulary rows",
 }
 # The scheduler's own state names -> the flags that set them.
@@ -71,6 +70,19 @@ def differences(saved: dict, c: PretrainConfig, names: Iterable[str]) -> List[st
     return out
 
 
+def _tokenizer_differences(saved: dict, c: PretrainConfig) -> List[str]:
+    """The tokenizer by what its ids mean (data.metadata's identity), whatever path it is read from."""
+    before, now = saved.get("tokenizer_identity"), c.tokenizer_identity
+    if not before or not now:
+        return []
+    mismatch = metadata.tokenizer_mismatch(before, now)
+    out = [f"tokenizer (--tokenizer-model, --vocab-size): checkpoint {metadata.describe_tokenizer(before)}, now "
+           f"{metadata.describe_tokenizer(now)} ({mismatch})"] if mismatch else []
+    if before.get("eod") != now.get("eod"):
+        out.append(f"--eod-id: checkpoint {before.get('eod')}, now {now.get('eod')}")
+    return out
+
+
 def apply_checkpoint_args(saved: dict, c: PretrainConfig) -> List[str]:
     """--use-checkpoint-args: the model and tokenizer flags become the checkpoint's; returns what changed."""
     taken = []
@@ -92,7 +104,7 @@ def compare_with_checkpoint(directory: str, saved: dict, saved_schedule: Optiona
                             load_optimizer: bool) -> List[str]:
     """Refuse a resume that would train another model; returns the notices of deliberate changes."""
     where = f"--load {directory}"
-    mismatched = differences(saved, c, ARCHITECTURE + TOKENIZER)
+    mismatched = differences(saved, c, ARCHITECTURE + TOKENIZER) + _tokenizer_differences(saved, c)
     if mismatched:
         raise ConfigError(f"{where} holds another model or tokenizer: {'; '.join(mismatched)}. Pass the "
                           "checkpoint's values, or --use-checkpoint-args to take them from it")

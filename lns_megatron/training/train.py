@@ -24,7 +24,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from lns_megatron.config import PretrainConfig, validate
-from lns_megatron.data import datasets
+from lns_megatron.data import datasets, metadata
 from lns_megatron.models.gpt import build_gpt_model, transformer_config
 from lns_megatron.schemes.lns import HAVE_TE
 from lns_megatron.training import checkpoint, distributed, probes, safety
@@ -161,10 +161,9 @@ def prepare_resume(c: PretrainConfig):
         directory, _ = checkpoint.latest_checkpoint(c.load)
         saved = checkpoint.saved_config(directory)
     if c.data_path:
-        datasets.check_data_paths(c)
+        datasets.check_data_paths(c)  # may take --eod-id from the datasets' metadata
     tokenizer = datasets.build_tokenizer_from_config(c)
-    c.tokenizer_vocab_size = tokenizer.vocab_size
-    c.tokenizer_fingerprint = tokenizer.fingerprint
+    c.tokenizer_identity = metadata.tokenizer_identity(tokenizer)  # saved with checkpoints, checked on resume
     c.padded_vocab_size = datasets.padded_vocab_size(tokenizer.vocab_size, c.make_vocab_size_divisible_by,
                                                      c.tensor_model_parallel_size)
     notices = []

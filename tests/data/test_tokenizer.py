@@ -53,6 +53,10 @@ def test_sentencepiece(tmp_path):
     tok = build_tokenizer("SentencePieceTokenizer", str(tmp_path / "sp.model"))
     assert tok.vocab_size == 60 and tok.eod == 2  # </s>
     assert tok.detokenize(tok.tokenize("deep layers")) == "deep layers"
+    from lns_megatron.data.metadata import tokenizer_identity
+
+    identity = tokenizer_identity(tok)
+    assert identity["files"].keys() == {"sp.model"} and len(identity["vocab_sha256"]) == 64
 
 
 def test_tiktoken_ranks_file(tmp_path):
@@ -79,3 +83,23 @@ def test_null_tokenizer():
 def test_bad_tokenizer_input(args, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         build_tokenizer(*args)
+
+
+def test_identity_compares_vocabularies_not_files(tmp_path):
+    """The same BPE as tokenizer.json and as GPT-2 vocab.json + merges.txt: other files, the same ids."""
+    from lns_megatron.data.metadata import tokenizer_identity, tokenizer_mismatch
+
+    bpe = train_bpe(["<|endoftext|>"])
+    bpe.save(str(tmp_path / "tokenizer.json"))
+    bpe.model.save(str(tmp_path))
+    hf = tokenizer_identity(build_tokenizer("HuggingFaceTokenizer", str(tmp_path)))
+    gpt2 = tokenizer_identity(build_tokenizer("GPT2BPETokenizer", vocab_file=str(tmp_path / "vocab.json"),
+                                              merge_file=str(tmp_path / "merges.txt")))
+    assert set(gpt2["files"]) == {"vocab.json", "merges.txt"} and hf["files"].keys() == {"tokenizer.json"}
+    assert tokenizer_mismatch(hf, gpt2) is None and hf["vocab_sha256"] == gpt2["vocab_sha256"]
+    ranks = tmp_path / "bytes.tiktoken"
+    ranks.write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
+    tik = tokenizer_identity(build_tokenizer("TikTokenizer", str(ranks)))
+    assert tik["vocab_size"] == 257 and tokenizer_mismatch(hf, tik) == "vocabulary 300 vs 257"
+    null = tokenizer_identity(build_tokenizer("NullTokenizer", vocab_size=299))
+    assert null["vocab_sha256"] is None and tokenizer_mismatch(hf, null) is None  # ids alone: only sizes compare

@@ -125,14 +125,19 @@ def test_export_copies_and_trims_to_a_real_tokenizer(checkpoints, tmp_path):
     """A Hugging Face tokenizer with 150 ids: the 256 padded rows are trimmed to 150 and the tokenizer loads."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
+    from lns_megatron.data.metadata import tokenizer_identity
+    from lns_megatron.data.tokenizer import build_tokenizer
+
     words = ["<|endoftext|>"] + [f"w{i}" for i in range(149)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok_dir = tmp_path / "tok"
     tok_dir.mkdir()
     tok.save(str(tok_dir / "tokenizer.json"))
+    # As if the run had trained with this tokenizer, since moved: the driver records its identity.
     ckpt = copy_checkpoint(checkpoints["lns"], tmp_path / "ckpt",
-                           tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tmp_path / "moved_away"))
+                           tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tmp_path / "moved_away"),
+                           tokenizer_identity=tokenizer_identity(build_tokenizer("HuggingFaceTokenizer", str(tok_dir))))
 
     code, err = export_cli("--load", ckpt, "--output", tmp_path / "hf")
     assert code == 2 and "--tokenizer-model" in err and "moved_away" in err, err

@@ -124,7 +124,8 @@ def copy_with_config(src, dst, **changes):
 
 @pytest.mark.parametrize("flag, value, expected", [
     ("--norm-scheme", "pre", "holds another model or tokenizer: --norm-scheme: checkpoint lns, now pre"),
-    ("--vocab-size", "640", "tokenizer vocabulary (--vocab-size, --tokenizer-model): checkpoint 64, now 641"),
+    ("--vocab-size", "640", "tokenizer (--tokenizer-model, --vocab-size): checkpoint NullTokenizer, vocabulary 64, now "
+                            "NullTokenizer, vocabulary 641 (vocabulary 64 vs 641)"),
     ("--num-query-groups", "2", "--num-query-groups: checkpoint 4, now 2"),
     ("--normalization", "LayerNorm", "--normalization: checkpoint RMSNorm, now LayerNorm"),
     ("--make-vocab-size-divisible-by", "64", "the vocabulary is padded to 128 rows in the checkpoint and to 64 now"),
@@ -136,11 +137,13 @@ def test_resume_with_another_model_is_refused(data, reference, flag, value, expe
 
 
 def test_resume_compares_tokenizer_and_reports_data_changes(data, reference, tmp_path):
-    ckpt = copy_with_config(reference["ckpt"] / "iter_0000006", tmp_path / "other_tok",
-                            tokenizer_fingerprint="0123456789abcdef", apply_layernorm_1p=True)
+    saved = json.load(open(reference["ckpt"] / "iter_0000006" / "pretrain_config.json"))
+    other = dict(saved["tokenizer_identity"], eod=7)
+    ckpt = copy_with_config(reference["ckpt"] / "iter_0000006", tmp_path / "other_tok", tokenizer_identity=other,
+                            apply_layernorm_1p=True)
     error = resume_error(*flags(data, *DIST_OPT, "--train-iters", "6", "--load", ckpt))
     assert "--apply-layernorm-1p: checkpoint True, now False" in error
-    assert "tokenizer files (--tokenizer-model, --vocab-file, --merge-file): checkpoint 0123456789abcdef, now None" in error
+    assert "--eod-id: checkpoint 7, now 63" in error
     c = parse_args(flags(data, *DIST_OPT, "--train-iters", "6", "--load", str(reference["ckpt"]), "--split", "80,20,0"))
     _, _, notices = prepare_resume(c)
     assert notices == ["--split: checkpoint 90,10,0, now 80,20,0"]
