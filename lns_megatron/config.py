@@ -218,10 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         kw = {k: v for k, v in f.metadata.items() if k in ARGPARSE_KEYS}
         if f.type in ("bool", bool):
-            # --x and --no-x, so that a preset's or a recipe's choice can be undone; a flag that is on by
-            # default has only its Megatron-LM name, --no-...
-            action = "store_false" if f.default else argparse.BooleanOptionalAction
-            parser.add_argument(flag_name(f.name), dest=f.name, action=action, **kw)
+            # --x and --no-x, so that a preset's or a recipe's choice can be undone. A flag that is on by
+            # default has only its Megatron-LM name, --no-...; so has one named --no-... (--no-load-optim),
+            # which BooleanOptionalAction would read as "off".
+            flag = flag_name(f.name)
+            if f.default:
+                action = "store_false"
+            elif flag.startswith("--no-"):
+                action = "store_true"
+            else:
+                action = argparse.BooleanOptionalAction
+            parser.add_argument(flag, dest=f.name, action=action, **kw)
             continue
         base = f.type.replace("Optional[", "").rstrip("]") if isinstance(f.type, str) else f.type
         kind = {"int": int, "float": float}.get(base.replace("List[", ""), str)

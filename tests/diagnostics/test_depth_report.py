@@ -214,10 +214,12 @@ def test_bad_input_is_named(checkpoints, tmp_path):
 def test_windows_are_drawn_at_random_across_the_whole_split(tmp_path):
     """Document i holds only token i: a window's tokens tell where it was drawn from."""
     from driver import write_dataset
+    from lns_megatron.data.tokenizer import build_tokenizer
     from lns_megatron.diagnostics.report import _indexed_windows
 
     prefix = write_dataset(str(tmp_path / "docs_text_document"), [[i] * 50 for i in range(300)])
-    draw = lambda seed: _indexed_windows(prefix, "90,10,0", 16, 8, vocab_limit=512, seed=seed)
+    tokenizer = build_tokenizer("NullTokenizer", vocab_size=511)
+    draw = lambda seed: _indexed_windows(prefix, "90,10,0", 16, 8, tokenizer, vocab_limit=512, seed=seed)
     windows = draw(1)
     assert windows.shape == (8, 17)
     assert int(windows.min()) >= 270 and int(windows.max()) < 300  # the validation documents only

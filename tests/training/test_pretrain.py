@@ -11,7 +11,7 @@ import torch
 from dist_launch import ROOT
 from driver import (COMMON, MOCK, data_flags, driver_error, learnable_documents, logged_losses, read_tensorboard,
                     run_driver, write_dataset)
-from lns_megatron.config import ConfigError, parse_args
+from lns_megatron.config import ConfigError, build_parser, parse_args
 from lns_megatron.training.distributed import free_port
 from lns_megatron.training.train import prepare_resume
 
@@ -129,6 +129,27 @@ def test_warmup_fraction_fits_any_length():
     assert parse_args(["--preset", "tiny", *MOCK, "--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "7"]).lr_warmup_iters == 7
     assert parse_args(["--preset", "tiny", *MOCK, "--train-iters", "100", "--lr-warmup-iters", "7",
                        "--lr-warmup-fraction", "0.5"]).lr_warmup_iters == 50
+
+
+def test_every_switch_means_what_it_says():
+    """--x turns x on and --no-x off; a flag named --no-... (--no-load-optim, or one on by default) turns its
+    field the way its name says, whatever argparse's BooleanOptionalAction would make of the prefix."""
+    import dataclasses
+
+    from lns_megatron.config import PretrainConfig, flag_name
+
+    base = ["--preset", "tiny", *MOCK, "--load", os.getcwd()]
+    switches = [f for f in dataclasses.fields(PretrainConfig) if f.type in ("bool", bool)
+                and not f.metadata.get("derived")]
+    assert {"no_load_optim", "no_load_rng", "check_for_nan_in_loss_and_grad"} <= {f.name for f in switches}
+    for f in switches:
+        flag = flag_name(f.name)
+        parsed = vars(build_parser().parse_args([flag]))[f.name]
+        assert parsed is not f.default, (flag, parsed)
+        if not f.default and not flag.startswith("--no-"):
+            assert vars(build_parser().parse_args([flag.replace("--", "--no-", 1)]))[f.name] is False, flag
+    c = parse_args([*base, "--no-load-optim", "--no-load-rng"])
+    assert c.no_load_optim and c.no_load_rng
 
 
 def test_fp8_without_gpu_or_transformer_engine():
