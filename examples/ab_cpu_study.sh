@@ -3,7 +3,7 @@
 # scheme under both output-layer inits), two seeds each, the paper's recipe, a real-text corpus.
 #
 #   apt-get install python3.11-doc && python examples/prepare_docs_corpus.py --output data/pydocs
-#   bash examples/ab_cpu_study.sh            # about 8 runs x 5-15 minutes; results in runs/ab_cpu/summary
+#   bash examples/ab_cpu_study.sh            # 8 runs x about 6 minutes (2 cores); results in runs/ab_cpu/summary
 #
 # The model (12 layers x 128, SwiGLU, RoPE, untied embeddings, 4.5M parameters) and the budget (400
 # iterations of 16 x 128 tokens, 0.8M tokens, under one epoch of the corpus) are what this machine trains in

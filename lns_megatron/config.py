@@ -149,11 +149,19 @@ class PretrainConfig:
     save_interval: Optional[int] = _flag("save every N iterations (and at the end)", **POSITIVE)
     exit_interval: Optional[int] = _flag("stop (and save, with --save) after this iteration", **POSITIVE)
     dist_ckpt_optim_fully_reshardable: bool = _flag(
-        "save distributed-optimizer state per parameter (loads at any TP/PP/DP, with or without the distributed "
-        "optimizer; gathers the state at save) instead of per DP shard", False)
+        "save distributed-optimizer state per parameter (loads at any TP/PP/DP; gathers the state at save) instead "
+        "of per DP shard (loads at any DP only)", False)
+    ckpt_fully_parallel_save: bool = _flag(
+        "write each replicated tensor once, spread over the data-parallel ranks (megatron-core's "
+        "FullyParallelSaveStrategyWrapper), instead of all from data-parallel rank 0", True,
+        flag="--no-ckpt-fully-parallel-save")
+    ckpt_fully_parallel_load: bool = _flag(
+        "read each tensor once, spread over the data-parallel ranks, and exchange it (megatron-core's "
+        "FullyParallelLoadStrategyWrapper), instead of every rank reading what it needs", False)
     use_checkpoint_args: bool = _flag("take the model and tokenizer flags from the --load checkpoint", False)
     finetune: bool = _flag("load the model weights only: iteration 0, fresh optimizer, scheduler and data order", False)
-    no_load_optim: bool = _flag("do not load the optimizer state (nor the scheduler's)", False)
+    no_load_optim: bool = _flag("do not load the optimizer state: fresh Adam moments; the weights, iteration, "
+                                "learning-rate schedule and data position still load", False)
     no_load_rng: bool = _flag("do not load the random-number generator states", False)
     override_opt_param_scheduler: bool = _flag(
         "on --load, use this run's --lr/--min-lr/warmup/decay/weight-decay flags, not the checkpoint's", False,

@@ -23,6 +23,10 @@ from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpo
 
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import (get_default_load_sharded_strategy,
+                                                            get_default_save_sharded_strategy)
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (FullyParallelLoadStrategyWrapper,
+                                                                        FullyParallelSaveStrategyWrapper)
 
 from lns_megatron.config import ConfigError, PretrainConfig
 from lns_megatron.data import datasets, metadata
@@ -183,8 +187,12 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: Lis
     state = _sharded_state(model, optimizer, is_loading=False, metadata=metadata)
     state.update(iteration=iteration, consumed_samples=consumed_samples,
                  opt_param_scheduler=scheduler.state_dict() if scheduler is not None else None)
+    strategy = get_default_save_sharded_strategy()
+    if config.ckpt_fully_parallel_save:  # Megatron-LM's default: replicated tensors written once, spread over DP
+        strategy = FullyParallelSaveStrategyWrapper(
+            strategy, parallel_state.get_data_parallel_group(with_context_parallel=True))
     try:
-        dist_checkpointing.save(state, partial, content_metadata=metadata)
+        dist_checkpointing.save(state, partial, sharded_strategy=strategy, content_metadata=metadata)
     except (Exception, TorchCheckpointException) as e:  # a full disk, a lost mount, a quota
         lines = str(e).strip().splitlines()
         raise CheckpointError(f"saving iteration {iteration} to {partial} failed on rank {rank} "
@@ -207,10 +215,11 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: Lis
     return final
 
 
-def load_checkpoint(root: str, model: List, optimizer=None, scheduler=None, load_rng: bool = True
-                    ) -> Tuple[int, int]:
+def load_checkpoint(root: str, model: List, optimizer=None, scheduler=None, load_rng: bool = True,
+                    fully_parallel: bool = False) -> Tuple[int, int]:
     """Load into ``model`` (any TP/PP layout: dist_checkpointing reshards). Returns
-    (iteration, consumed_samples)."""
+    (iteration, consumed_samples). ``fully_parallel``: each tensor is read by one data-parallel rank and
+    exchanged (Megatron-LM's --ckpt-fully-parallel-load)."""
     directory, _ = latest_checkpoint(root)
     saved = saved_config(directory)
     same_layout = (saved.get("tensor_model_parallel_size") == parallel_state.get_tensor_model_parallel_world_size()
@@ -219,8 +228,12 @@ def load_checkpoint(root: str, model: List, optimizer=None, scheduler=None, load
     sharded = _sharded_state(model, optimizer, is_loading=True, metadata=metadata)
     if not (load_rng and same_layout):
         sharded.pop("rng_state")
+    strategy = None
+    if fully_parallel:
+        strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(directory),
+                                                    parallel_state.get_data_parallel_group(with_context_parallel=True))
     try:
-        state = dist_checkpointing.load(sharded, directory)
+        state = dist_checkpointing.load(sharded, directory, sharded_strategy=strategy)
     except (Exception, TorchCheckpointException) as e:  # a missing shard, a torn file, another model shape
         lines = str(e).strip().splitlines()  # torch's CheckpointException carries a whole traceback
         reason = lines[-1] if lines else type(e).__name__

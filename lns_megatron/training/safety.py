@@ -266,27 +266,30 @@ def check_save_directory(c: PretrainConfig) -> None:
 
 
 def claim_save_directory(c: PretrainConfig):
-    """On rank 0: --save and --tensorboard-dir writable, --save free of other runs, its lock taken.
-    Every rank raises the same error if rank 0 finds one."""
+    """--save writable from every rank (each writes its own shards, perhaps through another node's mount),
+    --tensorboard-dir from the last rank (its writer), --save free of other runs and locked by rank 0.
+    Every rank raises the first error any rank found."""
     lock, error = None, None
-    if dist.get_rank() == 0:
-        try:
-            if c.save:
-                check_writable("--save", c.save)
-                check_save_directory(c)
-                lock = RunLock(c.save).acquire()
-                if lock.notice:
-                    print(f"lns-pretrain: {lock.notice}", flush=True)
-            if c.tensorboard_dir:
-                check_writable("--tensorboard-dir", c.tensorboard_dir)
-        except ConfigError as e:
-            error = str(e)
-            if lock is not None:
-                lock.release()
-    verdict = [error]
-    dist.broadcast_object_list(verdict, src=0)
-    if verdict[0] is not None:
-        raise ConfigError(verdict[0])
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        if c.save:
+            check_writable("--save", c.save)
+        if c.tensorboard_dir and rank == world - 1:
+            check_writable("--tensorboard-dir", c.tensorboard_dir)
+        if c.save and rank == 0:
+            check_save_directory(c)
+            lock = RunLock(c.save).acquire()
+            if lock.notice:
+                print(f"lns-pretrain: {lock.notice}", flush=True)
+    except ConfigError as e:
+        error = f"rank {rank} ({socket.gethostname()}): {e}" if world > 1 else str(e)
+    errors = [None] * world
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        if lock is not None:
+            lock.release()
+        raise ConfigError(first)
     return lock
 
 

@@ -204,7 +204,8 @@ def _train(c: PretrainConfig, tokenizer, resume_from, notices) -> dict:
     if resume_from is not None:
         iteration, consumed = checkpoint.load_checkpoint(
             resume_from, model, optimizer=None if c.finetune or c.no_load_optim else optimizer,
-            scheduler=None if c.finetune else scheduler, load_rng=not (c.finetune or c.no_load_rng))
+            scheduler=None if c.finetune else scheduler, load_rng=not (c.finetune or c.no_load_rng),
+            fully_parallel=c.ckpt_fully_parallel_load)
         if c.finetune:
             iteration, consumed = 0, 0
     start_iteration = iteration
@@ -232,6 +233,11 @@ def _train(c: PretrainConfig, tokenizer, resume_from, notices) -> dict:
             print(f"lns-pretrain: loaded {resume_from}: {what}", flush=True)
         for notice in notices:
             print(f"lns-pretrain: resuming with a changed data setting: {notice}", flush=True)
+        if (resume_from is not None and scheduler.lr_decay_style != "constant"
+                and scheduler.lr_decay_steps <= iteration < c.train_iters):
+            print(f"lns-pretrain: iterations {iteration + 1}..{c.train_iters} are past the end of the learning-rate "
+                  f"decay (iteration {scheduler.lr_decay_steps}): they train at --min-lr {scheduler.min_lr:g}",
+                  flush=True)
     if logger.is_writer and iteration >= c.train_iters:
         print(f"lns-pretrain: the checkpoint is at iteration {iteration}, --train-iters is {c.train_iters}: "
               "nothing to train (raise --train-iters, with --override-opt_param-scheduler to extend the schedule)",
@@ -256,14 +262,14 @@ def _train(c: PretrainConfig, tokenizer, resume_from, notices) -> dict:
             iteration += 1
             if c.check_for_nan_in_loss_and_grad:
                 check_step_is_finite(loss, model, iteration, last_checkpoint)
-            elif not math.isfinite(loss):
-                logger.nan += 1
             depth_due = c.depth_log_interval and iteration % c.depth_log_interval == 0
             grad_norms = probes.layer_grad_norms(model, optimizer, c.num_layers) if depth_due else None
             phase = f"the optimizer step of iteration {iteration}"
             update_ok, grad_norm, _ = optimizer.step()
             if c.clip_grad == 0 and update_ok:  # megatron computes the norm only to clip
                 grad_norm = optimizer.get_grad_norm()
+            if not (math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))):
+                logger.nan += 1  # trained on with --no-check-for-nan-in-loss-and-grad
             if update_ok:
                 scheduler.step(increment=1)
             consumed += c.global_batch_size

@@ -214,6 +214,11 @@ def test_a_run_carries_its_eod_and_tokenizer_to_export_and_report(prepared, toke
         export(loaded, str(tmp_path / "hf"))
         hf_config = json.load(open(tmp_path / "hf" / "config.json"))
         assert hf_config["eos_token_id"] == EOD and hf_config["vocab_size"] == size
+        windows = _indexed_windows(prepared, "90,10,0", 8, 2, loaded.tokenizer, 384, seed=0)
+        assert windows.shape == (2, 9)
+        with pytest.raises(ReportError, match=f"prepared with EOD {EOD}, the run was trained with EOD 0"):
+            _indexed_windows(prepared, "90,10,0", 8, 2, build_tokenizer("HuggingFaceTokenizer", tokenizer_dir), 384,
+                             seed=0)
         with pytest.raises(ReportError, match="same size, different tokens"):  # the depth report's data check
             _indexed_windows(prepared, "90,10,0", 8, 2, build_tokenizer("HuggingFaceTokenizer", variants["swapped"],
                                                                         eod_id=EOD), 384, seed=0)

@@ -191,3 +191,26 @@ def test_interrupted_merge_leaves_no_final_files(tmp_path):
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130 and "interrupted; no output was written" in out, out
     assert os.listdir(tmp_path / "out") == [], out
+
+
+def test_slurm_array_script_local_mode(corpus, tokenizer_dir, single_and_shards, tmp_path):
+    """examples/preprocess_slurm_array.sh, its steps run here: N shards then the merge, byte for byte one
+    run; run again, it redoes only what is missing."""
+    single, _ = single_and_shards
+    env = dict(os.environ, INPUT=str(corpus), OUTPUT=str(tmp_path / "corpus"), TOKENIZER_MODEL=tokenizer_dir,
+               SHARDS=str(SHARDS), WORKERS="1")
+    script = os.path.join(ROOT, "examples", "preprocess_slurm_array.sh")
+    proc = subprocess.run(["bash", script, "local"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    merged = str(tmp_path / "corpus_text_document")
+    for ext in (".bin", ".idx"):
+        assert filecmp.cmp(merged + ext, single + ext, shallow=False), ext
+    for ext in (".bin", ".idx", ".json"):  # a task that was preempted (it leaves nothing final)
+        os.remove(tmp_path / "corpus_shards" / f"00001_text_document{ext}")
+    proc = subprocess.run(["bash", script, "local"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert f"shard 0/{SHARDS}: done before" in out and f"shard 2/{SHARDS}: done before" in out
+    assert f"shard 1/{SHARDS}: done before" not in out
+    for ext in (".bin", ".idx"):
+        assert filecmp.cmp(merged + ext, single + ext, shallow=False), ext

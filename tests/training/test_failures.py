@@ -2,6 +2,7 @@
 a killed rank, and a trainer killed during a save. Each ends with one line, nothing non-finite is ever
 saved, no process is left behind, and the run resumes from its last good checkpoint."""
 
+import math
 import os
 import re
 import signal
@@ -15,7 +16,7 @@ from megatron.core import dist_checkpointing
 
 from dist_launch import ROOT
 from driver import (COMMON, MOCK, data_flags, driver_command, driver_env, driver_error, learnable_documents,
-                    logged_losses, run_driver, write_dataset)
+                    logged, logged_losses, run_driver, write_dataset)
 from lns_megatron.training.distributed import free_port
 
 BLOW_UP = ["--preset", "tiny", *MOCK, "--lr", "1e6", "--train-iters", "8", "--log-interval", "1",
@@ -37,11 +38,14 @@ def all_saved_tensors_finite(directory):
     return len(tensors) > 0 and all(bool(torch.isfinite(t).all()) for t in tensors.values() if torch.is_tensor(t))
 
 
-def test_nan_gradient_stops_before_the_step_and_saves_nothing(tmp_path, megatron_tp1):
+@pytest.mark.parametrize("nproc, layout", [(1, []), (2, ["--pipeline-model-parallel-size", "2"])],
+                         ids=["one-process", "pp2"])
+def test_nan_gradient_stops_before_the_step_and_saves_nothing(tmp_path, megatron_tp1, nproc, layout):
     """lr 1e6: the weights blow up after a few steps. The first NaN/Inf gradient stops the run before the
-    optimizer applies it, names the iteration and the last good checkpoint, and nothing after it is saved."""
+    optimizer applies it, names the iteration and the last good checkpoint, and nothing after it is saved.
+    At PP=2 each stage holds other gradients: the ranks vote, so all stop at the same iteration."""
     ckpt = tmp_path / "ckpt"
-    error = driver_error(*BLOW_UP, "--save", ckpt)
+    error = driver_error(*BLOW_UP, *layout, "--save", ckpt, nproc=nproc)
     bad = int(re.search(r"at iteration (\d+)", error).group(1))
     assert "the update was not applied and nothing was saved from this state" in error
     assert f"the last good checkpoint is {ckpt}/iter_{bad - 1:07d}" in error
@@ -60,11 +64,13 @@ def test_without_the_check_nan_is_counted_and_never_saved(tmp_path, megatron_tp1
     assert code != 0 and len(errors) == 1, out[-3000:]
     assert "the model or optimizer state holds NaN/Inf at iteration 6; it was not saved" in errors[0]
     assert not os.path.exists(ckpt / "iter_0000006") and saved_iterations(ckpt) == []
-    losses = logged_losses(out)
+    losses, grad_norms = logged_losses(out), logged(out, "grad norm")
     nan_losses = [i for i, v in losses.items() if v != v]
+    non_finite = [i for i in losses if not (math.isfinite(losses[i]) and math.isfinite(grad_norms[i]))]
     nan_counts = {int(i): int(n) for i, n in re.findall(r"iteration +(\d+)/.*?number of nan iterations: +(\d+)", out)}
     assert nan_losses and sorted(losses) == list(range(1, 7))  # it trained on through the NaNs
-    assert nan_counts == {i: int(i in nan_losses) for i in losses}  # each NaN iteration counted, once
+    # Each iteration whose loss or gradient norm is NaN/Inf is counted, once (log interval 1).
+    assert nan_counts == {i: int(i in non_finite) for i in losses}, (nan_counts, losses, grad_norms)
 
 
 def start_two_nodes(args, tmp_path):
@@ -151,7 +157,7 @@ def test_a_lost_rank_ends_the_job_with_one_line(data, tmp_path, fault):
 def test_kill_during_save_keeps_latest_checkpoint_and_leaves_no_orphans(data, tmp_path):
     """SIGKILL of the trainer alone while iteration 2 is being saved: its checkpoint writers and data
     workers die with it, the pointer still names iteration 1, and a new run takes over the dead run's
-    lock on --save, resumes from 1 and replaces the debris."""
+    lock on --save, resumes from 1 exactly (the losses of a run never killed) and replaces the debris."""
     ckpt = tmp_path / "ckpt"
     args = [*COMMON, *data, "--hidden-size", "256", "--ffn-hidden-size", "1024", "--num-layers", "8",
             "--train-iters", "3", "--log-interval", "1", "--save", ckpt, "--save-interval", "1", "--num-workers", "1"]
@@ -171,7 +177,10 @@ def test_kill_during_save_keeps_latest_checkpoint_and_leaves_no_orphans(data, tm
     assert not (ckpt / "iter_0000002").exists()
     _, out = run_driver(*args, "--load", ckpt)
     assert f"took over the stale lock of pid {proc.pid}" in out
-    assert sorted(logged_losses(out)) == [2, 3]
+    resumed = logged_losses(out)
+    _, uninterrupted = run_driver(*[tmp_path / "clean" if a == ckpt else a for a in args])
+    expected = logged_losses(uninterrupted)
+    assert sorted(resumed) == [2, 3] and all(resumed[i] == expected[i] for i in resumed), (resumed, expected)
     assert open(ckpt / "latest_checkpointed_iteration.txt").read() == "3"
     assert sorted(os.listdir(ckpt)) == ["iter_0000001", "iter_0000002", "iter_0000003",
                                         "latest_checkpointed_iteration.txt"]

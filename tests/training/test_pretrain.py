@@ -3,6 +3,7 @@ and every bad input named in one line before any process group or model memory e
 
 import math
 import os
+import re
 import subprocess
 
 import pytest
@@ -29,6 +30,8 @@ def test_loss_falls_on_learnable_data(learnable_data):
     assert losses[40] < 0.5 * losses[5], losses
     assert "TFLOP/s/GPU" in out and "grad norm:" in out and "number of nan iterations:   0" in out
     assert "ETA: 0:00:0" in out
+    # The start-up log states the init (the default: plain, the same std for every linear layer).
+    assert "lns-pretrain: init N(0, 0.02); linear_proj and linear_fc2 plain N(0, 0.02); embeddings N(0, 0.02)" in out
     # The console: megatron-core's fallback notes (Apex, TE, deprecations) are not repeated per import.
     assert "Warning" not in out and "warn(" not in out, out[:3000]
 
@@ -78,6 +81,12 @@ def test_two_node_launch_on_one_machine(tmp_path):
     assert sorted(logged_losses(outs[0] + outs[1])) == [2, 4]
     assert open(tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read() == "4"
     assert (outs[0] + outs[1]).count("saved checkpoint to ") == 1
+    assert re.search(rf"saved checkpoint to {re.escape(str(tmp_path / 'ckpt'))}/iter_0000004 at iteration 4 in "
+                     r"\d+\.\d s\n", outs[0] + outs[1])
+    # The console on mock data: megatron's MockGPTDataset cache note, the TE/Apex fallback notes and the
+    # tokenizer's pad-token note are not printed (megatron's logging has no "Warning" prefix: name them).
+    for noise in ("MockGPTDataset", "path_to_cache", "Transformer Engine", "Apex", "pad token", "Warning", "warn("):
+        assert noise not in outs[0] + outs[1], noise
 
 
 # ---- bad input: one line naming the flag and the fix, before any model memory -------------

@@ -53,10 +53,30 @@ def test_reference_run_saves_with_the_distributed_optimizer(reference):
     assert all(g > 0 and math.isfinite(g) for g in grad_norms), grad_norms  # reduced over the optimizer shards
 
 
+def distcp_bytes(directory):
+    """Bytes of each rank's torch_dist data file (``__<rank>_0.distcp``)."""
+    return {int(f.split("_")[2]): os.path.getsize(os.path.join(directory, f))
+            for f in os.listdir(directory) if f.endswith(".distcp")}
+
+
+def test_parallel_save_spreads_the_replicated_weights(data, reference, tmp_path):
+    """The reference run saved with the default fully parallel save: the weights both DP ranks hold are
+    written once, split between them. --no-ckpt-fully-parallel-save writes them all from rank 0."""
+    parallel = distcp_bytes(reference["ckpt"] / "iter_0000003")
+    run_driver(*flags(data, *DIST_OPT, "--train-iters", "3", "--save", tmp_path / "rank0",
+                      "--no-ckpt-fully-parallel-save"), nproc=2)
+    from_rank0 = distcp_bytes(tmp_path / "rank0" / "iter_0000003")
+    assert sorted(parallel) == sorted(from_rank0) == [0, 1]
+    assert min(parallel.values()) / max(parallel.values()) > 0.8, parallel
+    assert from_rank0[1] / from_rank0[0] < 0.7, from_rank0  # rank 1: its optimizer shard only
+    assert abs(sum(parallel.values()) - sum(from_rank0.values())) / sum(from_rank0.values()) < 0.05
+
+
 def test_resume_at_dp2_is_exact(data, reference, tmp_path):
-    """Save at N, resume to 2N: the same train and validation losses as the run that never stopped."""
+    """Save at N, resume to 2N: the same train and validation losses as the run that never stopped (read
+    with the fully parallel load: each tensor read by one rank, then exchanged)."""
     _, out = run_driver(*flags(data, *DIST_OPT, "--train-iters", "6", "--load", reference["ckpt"] / "iter_0000003",
-                               "--save", tmp_path / "resumed"), nproc=2)
+                               "--ckpt-fully-parallel-load", "--save", tmp_path / "resumed"), nproc=2)
     losses, valid = logged_losses(out), validation_losses(out)
     assert sorted(losses) == [4, 5, 6]
     assert all(losses[i] == reference["losses"][i] for i in losses), (losses, reference["losses"])
@@ -92,6 +112,8 @@ def test_switching_optimizer_kind_needs_no_load_optim(data, reference, tmp_path)
     assert close(logged(out, "learning rate")[4], logged(reference["out"], "learning rate")[4])
 
     run_driver(*flags(data, "--train-iters", "3", "--save", tmp_path / "plain"))  # one process, no DistOpt
+    error = resume_error(*flags(data, *DIST_OPT, "--train-iters", "4", "--load", tmp_path / "plain"))
+    assert "--use-distributed-optimizer: checkpoint False, now True" in error and "--no-load-optim" in error
     _, out = run_driver(*flags(data, *DIST_OPT, "--train-iters", "4", "--load", tmp_path / "plain", "--no-load-optim",
                                "--save", tmp_path / "b"), nproc=2)
     assert close(logged_losses(out)[4], reference["losses"][4])
@@ -163,6 +185,10 @@ def test_extend_a_finished_run(data, reference, tmp_path):
     error = resume_error(*flags(data, *DIST_OPT, *longer, "--load", reference["ckpt"]))
     assert "--lr-decay-iters (default: --train-iters): checkpoint 6, now 8" in error
     assert "--override-opt_param-scheduler" in error and "--use-checkpoint-opt_param-scheduler" in error
+    # What a user types first, a larger --train-iters alone (the decay follows it by default): refused too.
+    argv = flags(data, *DIST_OPT, "--train-iters", "8", "--load", reference["ckpt"])
+    at = argv.index("--lr-decay-iters")
+    assert resume_error(*argv[:at], *argv[at + 2:]) == error
     assert logged(reference["out"], "learning rate")[6] == 0.0
     _, out = run_driver(*flags(data, *DIST_OPT, *longer, "--load", reference["ckpt"], "--override-opt_param-scheduler",
                                "--save", tmp_path / "more"))
@@ -172,6 +198,7 @@ def test_extend_a_finished_run(data, reference, tmp_path):
     _, out = run_driver(*flags(data, *DIST_OPT, "--train-iters", "7", "--lr-decay-iters", "8", "--load", reference["ckpt"],
                                "--use-checkpoint-opt_param-scheduler", "--save", tmp_path / "kept"))
     assert logged(out, "learning rate") == {7: 0.0}
+    assert "iterations 7..7 are past the end of the learning-rate decay (iteration 6): they train at --min-lr 0" in out
 
 
 def test_finetune_loads_weights_only(data, reference, tmp_path):
@@ -181,3 +208,26 @@ def test_finetune_loads_weights_only(data, reference, tmp_path):
     assert "weights only (--finetune)" in out and sorted(losses) == [1, 2]
     assert losses[1] < reference["losses"][1]  # it starts from the trained weights
     assert open(tmp_path / "ft" / "latest_checkpointed_iteration.txt").read() == "2"
+
+
+def test_no_load_rng_keeps_this_processs_random_state(reference):
+    """--no-load-rng: the checkpoint's RNG states are not restored; without it they are, identically."""
+    import torch
+
+    from lns_megatron.training import distributed
+    from lns_megatron.training.checkpoint import load_checkpoint, load_model
+
+    try:
+        model = load_model(str(reference["ckpt"]), device="cpu").model  # weights only (its own load skips RNG)
+        torch.manual_seed(999)
+        before = torch.get_rng_state()
+        load_checkpoint(str(reference["ckpt"]), [model], load_rng=False)
+        assert torch.equal(torch.get_rng_state(), before)
+        load_checkpoint(str(reference["ckpt"]), [model], load_rng=True)
+        restored = torch.get_rng_state()
+        assert not torch.equal(restored, before)
+        torch.manual_seed(5)
+        load_checkpoint(str(reference["ckpt"]), [model], load_rng=True)
+        assert torch.equal(torch.get_rng_state(), restored)
+    finally:
+        distributed.destroy()

@@ -87,3 +87,17 @@ def test_finite_checks():
     assert safety.all_finite([torch.ones(3), torch.zeros(0), None])
     assert not safety.all_finite([torch.ones(3), torch.tensor([1.0, float("nan")])])
     assert not safety.all_finite([torch.tensor([float("-inf")])])
+
+
+def test_directories_are_checked_by_the_ranks_that_write_them(tmp_path):
+    """Under torchrun every rank writes its shards to --save and the last rank writes TensorBoard: each
+    checks what it writes, and the first error reaches every rank (one line, naming the rank)."""
+    from driver import MOCK, driver_error
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    error = driver_error("--preset", "tiny", *MOCK, "--train-iters", "2", "--save", tmp_path / "ckpt",
+                         "--tensorboard-dir", blocker / "tb", nproc=2)
+    assert error.startswith(f"lns-pretrain: error: rank 1 ({socket.gethostname()}): --tensorboard-dir {blocker}/tb "
+                            "is not writable"), error
+    assert not os.path.exists(tmp_path / "ckpt" / RunLock.FILE)  # rank 0's lock was given back
