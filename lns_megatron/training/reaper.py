@@ -4,8 +4,10 @@ megatron's checkpoint writers (forked), its results-queue manager (spawned) and 
 workers outlive a trainer killed with SIGKILL (an OOM kill, ``kill -9``, a scheduler's hard stop):
 hundreds of MB each, holding files and GPU-side resources. :func:`start` forks a small watchdog
 before anything heavy is imported. It learns the trainer's descendants once a second, and when the
-trainer is gone (its end of a pipe closes, however it died) it kills the ones still running.
-psutil compares process start times, so a recycled pid is never killed.
+trainer is gone (its end of a pipe closes, however it died) it kills the ones still running, and
+the trainer's children born since its last look: orphaned like the watchdog itself, they now have
+its new parent, in the trainer's process group. psutil compares process start times, so a recycled
+pid is never killed.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import time
 
 
 def start() -> int:
@@ -43,6 +46,7 @@ def _watch(trainer: int, fd: int) -> None:
 
         me, known = os.getpid(), {}
         parent = psutil.Process(trainer)
+        group, born = os.getpgid(trainer), parent.create_time()
         while True:
             ready, _, _ = select.select([fd], [], [], 1.0)
             if ready and os.read(fd, 1) == b"":
@@ -53,6 +57,7 @@ def _watch(trainer: int, fd: int) -> None:
                         known[child.pid] = child
             except psutil.NoSuchProcess:
                 break
+        known.update((p.pid, p) for p in _orphans_of(trainer, me, group, born))
         for child in known.values():
             try:
                 if child.is_running():
@@ -61,3 +66,23 @@ def _watch(trainer: int, fd: int) -> None:
                 pass
     finally:
         os._exit(0)
+
+
+def _orphans_of(trainer: int, me: int, group: int, born: float) -> list:
+    """The dead trainer's children (and theirs) that the watchdog had not seen yet: the kernel gives them
+    the watchdog's new parent, together with the watchdog."""
+    import psutil
+
+    deadline = time.monotonic() + 2.0
+    while os.getppid() == trainer and time.monotonic() < deadline:  # the pipe closes before reparenting
+        time.sleep(0.01)
+    adopter, found = os.getppid(), []
+    for process in psutil.process_iter():
+        try:
+            if (process.pid != me and process.ppid() == adopter and os.getpgid(process.pid) == group
+                    and process.create_time() >= born):
+                found.append(process)
+                found.extend(process.children(recursive=True))
+        except (psutil.Error, OSError):
+            pass
+    return found

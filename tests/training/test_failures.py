@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import psutil
@@ -184,3 +185,24 @@ def test_kill_during_save_keeps_latest_checkpoint_and_leaves_no_orphans(data, tm
     assert open(ckpt / "latest_checkpointed_iteration.txt").read() == "3"
     assert sorted(os.listdir(ckpt)) == ["iter_0000001", "iter_0000002", "iter_0000003",
                                         "latest_checkpointed_iteration.txt"]
+
+
+def test_a_child_born_just_before_the_kill_dies_too(tmp_path):
+    """The watchdog looks for descendants once a second; a child the trainer starts in between and then
+    dies (killed half a second in, before the first look) is found as an orphan in the trainer's process
+    group, and killed."""
+    pid_file = tmp_path / "child.pid"
+    script = ("import os, signal, subprocess, sys, time\n"
+              "from lns_megatron.training import reaper\n"
+              "reaper.start()\n"
+              "time.sleep(0.5)\n"  # the watchdog is watching (its first look is at 1 s)
+              "child = subprocess.Popen(['sleep', '120'])\n"
+              f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    trainer = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=driver_env(), start_new_session=True)
+    assert trainer.returncode == -signal.SIGKILL
+    child = psutil.Process(int(pid_file.read_text()))
+    gone = wait_for(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, timeout=15)
+    if not gone:
+        child.kill()
+    assert gone, "the child started just before the trainer was killed outlived it"
