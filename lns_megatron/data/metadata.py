@@ -205,13 +205,17 @@ def check_metadata_matches(metadata: dict, dataset, label: str) -> None:
 
 
 def check_token_ids(dataset, metadata: Optional[dict], tokenizer, label: str) -> None:
-    """Every id is a token of ``tokenizer``: exact from the metadata, else on a bounded sample."""
+    """Every id is a token of ``tokenizer`` (exact from the metadata, else on a bounded sample), and the
+    documents end with its EOD (from the metadata)."""
     fix = "prepare it with this tokenizer (tools/preprocess_data.py), or train with the tokenizer it was prepared with"
     if metadata is not None:
         mismatch = tokenizer_mismatch(metadata["tokenizer"], tokenizer_identity(tokenizer))
         if mismatch:
             raise DataError(f"{label}: prepared with {describe_tokenizer(metadata['tokenizer'])}, this run's tokenizer is "
                             f"{describe_tokenizer(tokenizer_identity(tokenizer))} ({mismatch}); {fix}")
+        if metadata["tokenizer"].get("eod") != tokenizer.eod:
+            raise DataError(f"{label}: prepared with EOD {metadata['tokenizer'].get('eod')}, the run was trained with "
+                            f"EOD {tokenizer.eod}; use data prepared with --eod-id {tokenizer.eod}")
         low, high = 0, metadata["max_token_id"]
         where = "its metadata records"
     else:

@@ -198,9 +198,6 @@ def _indexed_windows(prefix, split, seq_length, num_samples, tokenizer, vocab_li
         if found is not None:
             metadata.check_metadata_matches(found, dataset, label)
         metadata.check_token_ids(dataset, found, tokenizer, label)
-        if found is not None and found["tokenizer"].get("eod") != tokenizer.eod:
-            raise ReportError(f"{label}: prepared with EOD {found['tokenizer'].get('eod')}, the run was trained with "
-                              f"EOD {tokenizer.eod}; use data prepared with --eod-id {tokenizer.eod}")
         weights = datasets.parse_split(split) if split is not None else None
     except ConfigError as e:
         raise ReportError(str(e)) from None
