@@ -27,9 +27,11 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "transformers"],
+        "test": ["pytest", "transformers>=5.0", "accelerate>=1.0", "deepspeed>=0.16"],
         "te": ["transformer-engine[pytorch]>=2.9,<2.12"],
-        "deepspeed": ["deepspeed"],
+        # Export, LNS on Hugging Face models, fine-tuning (lns_megatron.hf).
+        "hf": ["transformers>=5.0", "accelerate>=1.0"],
+        "deepspeed": ["transformers>=5.0", "accelerate>=1.0", "deepspeed>=0.16"],
     },
     entry_points={"console_scripts": ["lns-pretrain=lns_megatron.pretrain:main"]},
 )

@@ -23,9 +23,11 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from lns_megatron.files import atomic_directory
-from lns_megatron.training.checkpoint import CheckpointError, LoadedModel, latest_checkpoint, load_model, saved_config
+from lns_megatron.training.checkpoint import (CONFIG_FILE, TRACKER, CheckpointError, LoadedModel, latest_checkpoint,
+                                              load_model, saved_config)
 from lns_megatron.config import PretrainConfig
 from lns_megatron.schemes.lns import layernorm_scale
+from lns_megatron.hf.scaling import PRE_NORMS
 
 MAX_SHARD_BYTES = 5 * 1024**3  # Hugging Face's default shard size
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -78,8 +80,13 @@ def rope_base(model) -> float:
     return rounded if torch.allclose(again, inv_freq, rtol=1e-6, atol=0) else base
 
 
-def llama_weights(loaded: LoadedModel, dtype: torch.dtype = torch.float32) -> Tuple[Dict[str, torch.Tensor], dict]:
-    """(Hugging Face Llama state dict, config.json dict) of a loaded megatron model."""
+def llama_weights(loaded: LoadedModel, dtype: torch.dtype = torch.float32,
+                  keep_lns: bool = False) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """(Hugging Face Llama state dict, config.json dict) of a loaded megatron model.
+
+    LNS is folded into the pre-norm weights, unless ``keep_lns``: then the weights are the trained
+    gamma and the config records the scheme, for :func:`lns_megatron.hf.scaling.from_pretrained`.
+    """
     model, c = loaded.model, loaded.config
     check_llama_compatible(c, model)
     tc = model.config
@@ -101,7 +108,7 @@ def llama_weights(loaded: LoadedModel, dtype: torch.dtype = torch.float32) -> Tu
     out = {"model.embed_tokens.weight": w("embedding.word_embeddings.weight")[:vocab]}
     for i in range(tc.num_layers):
         meg, hf = f"decoder.layers.{i}.", f"model.layers.{i}."
-        scale = layernorm_scale(i + 1) if c.norm_scheme == "lns" else 1.0
+        scale = layernorm_scale(i + 1) if c.norm_scheme == "lns" and not keep_lns else 1.0
         out[hf + "input_layernorm.weight"] = norm_weight(meg + "input_layernorm.weight", scale)
         out[hf + "post_attention_layernorm.weight"] = norm_weight(meg + "pre_mlp_layernorm.weight", scale)
         # linear_qkv rows: per query group [q heads of the group, k, v], each head_dim rows.
@@ -150,9 +157,9 @@ def llama_weights(loaded: LoadedModel, dtype: torch.dtype = torch.float32) -> Tu
         "pad_token_id": None,
         "use_cache": True,
         "torch_dtype": str(dtype).replace("torch.", ""),
-        "lns_megatron": {  # provenance only: nothing here is needed to run the model
+        "lns_megatron": {  # folded: provenance only; kept: lns_megatron.hf.from_pretrained restores the scale
             "norm_scheme": c.norm_scheme,
-            "lns_folded_into": "input_layernorm, post_attention_layernorm" if c.norm_scheme == "lns" else None,
+            "lns_folded_into": ", ".join(PRE_NORMS) if c.norm_scheme == "lns" and not keep_lns else None,
             "iteration": loaded.iteration,
             "padded_vocab_size": int(sd["embedding.word_embeddings.weight"].shape[0]),
         },
@@ -223,13 +230,12 @@ def _tokenizer_config(c: PretrainConfig, tokenizer) -> Optional[dict]:
     return {"tokenizer_class": classes[c.tokenizer_type], "eos_token": eos, "model_max_length": c.max_position_embeddings}
 
 
-def export(loaded: LoadedModel, output: str, dtype: torch.dtype = torch.float32, overwrite: bool = False) -> str:
+def export(loaded: LoadedModel, output: str, dtype: torch.dtype = torch.float32, overwrite: bool = False,
+           keep_lns: bool = False) -> str:
     """Write the Hugging Face directory ``output`` atomically (temp dir, then rename)."""
-    output = os.path.abspath(output)
-    if os.path.exists(output) and not overwrite:
-        raise ExportError(f"--output {output} already exists; remove it, choose another directory, or pass --overwrite")
+    output = _check_output(output, overwrite)
     files = tokenizer_files(loaded.config)  # fail on a missing tokenizer before any work
-    tensors, config = llama_weights(loaded, dtype)
+    tensors, config = llama_weights(loaded, dtype, keep_lns)
     with atomic_directory(output) as partial:
         _save_safetensors(tensors, partial)
         with open(os.path.join(partial, "config.json"), "w") as f:
@@ -246,13 +252,52 @@ def export(loaded: LoadedModel, output: str, dtype: torch.dtype = torch.float32,
     return output
 
 
+def _check_output(output: str, overwrite: bool) -> str:
+    output = os.path.abspath(output)
+    if os.path.exists(output) and not overwrite:
+        raise ExportError(f"--output {output} already exists; remove it, choose another directory, or pass --overwrite")
+    return output
+
+
+def is_hf_directory(path: str) -> bool:
+    """A Hugging Face model directory (config.json), not a megatron checkpoint."""
+    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, TRACKER)) \
+        and not os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+
+def export_hf_directory(source: str, output: str, dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> str:
+    """Re-export a Hugging Face model (one fine-tuned as LNS, say) as a plain Llama-family model: an
+    unfolded LNS scale is folded into the norm weights; the tokenizer files travel with it."""
+    from lns_megatron.hf.scaling import fold_layernorm_scaling, from_pretrained, is_lns
+
+    output = _check_output(output, overwrite)
+    model = from_pretrained(source, dtype=torch.float32)  # fold in float32, round once to dtype
+    if is_lns(model):
+        fold_layernorm_scaling(model)
+    with open(os.path.join(source, "config.json")) as f:
+        saved = json.load(f)
+    target = dtype or DTYPES.get(saved.get("dtype") or saved.get("torch_dtype"), torch.float32)  # transformers 5 / 4
+    with atomic_directory(output) as partial:
+        model.to(target).save_pretrained(partial)
+        for name in os.listdir(source):
+            if name.startswith(("tokenizer", "special_tokens_map", "vocab.", "merges.txt")) or name.endswith(".tiktoken"):
+                shutil.copyfile(os.path.join(source, name), os.path.join(partial, name))
+    return output
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="export_hf", description="Export an lns_megatron checkpoint to a Hugging Face "
-                                "LlamaForCausalLM directory, with LNS folded into the norm weights")
-    p.add_argument("--load", required=True, help="checkpoint directory (the --save of a run, or one iter_* dir)")
+                                "LlamaForCausalLM directory, with LNS folded into the norm weights (or kept, with "
+                                "--keep-lns); or fold a Hugging Face model fine-tuned as LNS into a plain one")
+    p.add_argument("--load", required=True, help="checkpoint directory (the --save of a run, or one iter_* dir), "
+                   "or a Hugging Face model directory (a model fine-tuned as LNS: the scale is folded)")
     p.add_argument("--output", required=True, help="directory to create")
+    p.add_argument("--keep-lns", action="store_true", help="write the trained norm weights unscaled and record LNS "
+                   "in config.json, for fine-tuning as LNS with lns_megatron.hf.from_pretrained (plain "
+                   "transformers would load it as Pre-LN: a different model)")
     p.add_argument("--tokenizer-model", help="tokenizer file or directory (default: the one the run was trained with)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: float32, bfloat16 for bf16 runs)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: float32, bfloat16 for bf16 runs; "
+                   "a Hugging Face source keeps its own)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     return p
 
@@ -260,20 +305,47 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     args = build_parser().parse_args(argv)
+    if os.path.isdir(args.load) and is_hf_directory(args.load):
+        return _main_hf(args)
     from lns_megatron.training import distributed
 
     try:
         check_llama_compatible(PretrainConfig.from_dict(saved_config(latest_checkpoint(args.load)[0])))  # before loading
         loaded = load_model(args.load, tokenizer_model=args.tokenizer_model, device="cpu")
         dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if loaded.config.bf16 else torch.float32)
-        path = export(loaded, args.output, dtype, args.overwrite)
+        path = export(loaded, args.output, dtype, args.overwrite, args.keep_lns)
     except (ExportError, CheckpointError) as e:
         print(f"export_hf: error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
         distributed.destroy()
     c = loaded.config
+    lns = ""
+    if c.norm_scheme == "lns":
+        lns = (" (LNS kept: load it with lns_megatron.hf.from_pretrained)" if args.keep_lns
+               else " (1/sqrt(l) folded into the norm weights)")
     print(f"export_hf: wrote {path}: LlamaForCausalLM, {c.num_layers} layers, vocab {loaded.vocab_size}, "
-          f"norm scheme {c.norm_scheme}" + (" (1/sqrt(l) folded into the norm weights)" if c.norm_scheme == "lns" else "")
+          f"norm scheme {c.norm_scheme}" + lns
           + ("" if tokenizer_files(c) else "; no tokenizer files (NullTokenizer)"), flush=True)
+    return 0
+
+
+def _main_hf(args) -> int:
+    from lns_megatron.hf.scaling import LayerNormScalingError
+
+    def fail(message):
+        print(f"export_hf: error: {message}", file=sys.stderr, flush=True)
+        return 2
+
+    if args.keep_lns:
+        return fail(f"--keep-lns with the Hugging Face directory {args.load}: it is already in the form "
+                    "lns_megatron.hf.from_pretrained loads; copy it, or drop --keep-lns to fold it into a plain model")
+    if args.tokenizer_model:
+        return fail(f"--tokenizer-model with the Hugging Face directory {args.load}: its own tokenizer files are "
+                    "copied; drop the flag")
+    try:
+        path = export_hf_directory(args.load, args.output, DTYPES[args.dtype] if args.dtype else None, args.overwrite)
+    except (ExportError, LayerNormScalingError) as e:
+        return fail(e)
+    print(f"export_hf: wrote {path}: a plain model (any LNS scale folded into the norm weights)", flush=True)
     return 0

@@ -15,12 +15,13 @@ and checkpoints are identical to Pre-LN ones.
 
 from __future__ import annotations
 
-import math
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from lns_megatron.schemes.scale import layernorm_scale  # noqa: F401  (public here too)
 
 try:
     import transformer_engine  # noqa: F401  (megatron's TE wrappers import without it, as mocks)
@@ -30,13 +31,6 @@ try:
     HAVE_TE = True
 except ImportError:
     HAVE_TE = False
-
-
-def layernorm_scale(layer_number: int) -> float:
-    """The LNS multiplier ``1/sqrt(l)`` of the 1-based global layer number ``l``."""
-    if isinstance(layer_number, bool) or not isinstance(layer_number, int) or layer_number < 1:
-        raise ValueError(f"layernorm_scale: layer_number must be an int >= 1 (1-based), got {layer_number!r}")
-    return 1.0 / math.sqrt(layer_number)
 
 
 def scaled_affine(weight, bias, scale: float, zero_centered_gamma: bool):
