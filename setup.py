@@ -11,8 +11,9 @@ setup(
     install_requires=[
         # On a CPU-only machine install torch==2.13.0 first: a bare torch pulls CUDA wheels.
         "torch>=2.6",
-        # Tested with 0.16.1, the newest release for Python 3.11.
-        "megatron-core>=0.16.1,<0.17",
+        # CI tests 0.16.1 (the newest release for Python 3.11) and 0.19.2 (Python 3.12); 0.17+ need Python 3.12.
+        "megatron-core>=0.16.1,<0.20",
+        "triton; python_version >= '3.12'",  # megatron-core 0.18+ imports it from the pipeline schedules
         "numpy",
         "psutil",  # megatron's dist_checkpointing writer needs it
         "tensorboard",

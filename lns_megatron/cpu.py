@@ -6,7 +6,8 @@ megatron-core 0.16 assumes CUDA in a handful of places (measured on torch 2.13 C
 - the tensor-parallel RNG tracker saves and restores *CUDA* RNG states;
 - ``device="cuda"`` is hard-coded in the schedules, ``FP32Optimizer`` and gradient clipping;
 - gradient clipping asserts ``grad.type() == "torch.cuda.FloatTensor"``;
-- p2p communication calls ``torch.cuda.synchronize()``.
+- p2p communication calls ``torch.cuda.synchronize()``;
+- (0.19) the gradient buffers wait on ``torch.cuda.current_stream()`` before reducing.
 
 :func:`enable` points each of these at the CPU so that ``GPTModel``, megatron DDP, the
 distributed optimizer and the pipeline schedules run with the gloo backend. It is a test
@@ -32,6 +33,22 @@ _CUDA_TYPE_NAMES = {
 }
 
 _mode: "_CudaToCpu | None" = None
+
+
+class _CpuStream:
+    """``torch.cuda.current_stream()`` on the CPU: work is synchronous, so there is nothing to wait for."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+_CPU_STREAM = _CpuStream()
 
 
 def _is_cuda(device) -> bool:
@@ -87,6 +104,7 @@ def enable() -> bool:
 
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.current_stream = lambda device=None: _CPU_STREAM
     torch.cuda.get_rng_state = cpu_rng_state
     torch.cuda.set_rng_state = set_cpu_rng_state
     torch.cuda.manual_seed = torch.manual_seed

@@ -6,17 +6,25 @@ failure the job can explain is one line ``lns-pretrain: error: ...`` on stderr.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
 
 # Import-time notes of megatron-core that concern other setups (Apex and TE fallbacks, deprecations).
-QUIET = (".*(Transformer Engine|Apex).*", ".*full scope is deprecated.*")
+QUIET = (".*(Transformer Engine|Apex).*", ".*full scope is deprecated.*", ".*MimoModelConfig is experimental.*",
+         ".*Could not determine rank from torch.distributed.*")
+# Log records about megatron-core's own roadmap (0.19), and torch's note that its CUDA build found no GPU.
+QUIET_LOGS = {"megatron.core.models.gpt.gpt_model": "GPTModel IS DEPRECATED",
+              "megatron.core.dist_checkpointing.strategies.torch": "MCore's async save is deprecated",
+              "torch.utils.cpp_extension": "No CUDA runtime is found"}
 
 
 def main(argv=None) -> int:
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)
+    for name, prefix in QUIET_LOGS.items():
+        logging.getLogger(name).addFilter(lambda record, prefix=prefix: not record.getMessage().startswith(prefix))
     from lns_megatron.training import reaper
 
     reaper.start()  # before torch: the watchdog stays small

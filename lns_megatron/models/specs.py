@@ -13,6 +13,7 @@ is chosen by ``TransformerConfig.normalization``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 from megatron.core.models.gpt.gpt_layer_specs import (
@@ -74,12 +75,19 @@ def get_gpt_lns_layer_spec(
     return dataclasses.replace(spec, module=LNSTransformerLayer, submodules=layer)
 
 
-def _with_submodule(spec: ModuleSpec, name: str, module) -> ModuleSpec:
-    """A copy of ``spec`` with one field of its submodules replaced, when that field is fused."""
-    submodules = spec.submodules
+def _with_submodule(spec, name: str, module):
+    """A copy of ``spec`` with one field of its submodules replaced, when that field is fused.
+
+    ``spec`` is a ``ModuleSpec``, or (megatron-core 0.19's MLP) a ``functools.partial`` taking ``submodules=``.
+    """
+    partial = isinstance(spec, functools.partial)
+    submodules = spec.keywords.get("submodules") if partial else spec.submodules
     if submodules is None or not hasattr(submodules, name):
         return spec  # e.g. MoE: LNSTransformerLayer refuses the unfused TE norm with a clear error
-    return dataclasses.replace(spec, submodules=dataclasses.replace(submodules, **{name: module}))
+    submodules = dataclasses.replace(submodules, **{name: module})
+    if partial:
+        return functools.partial(spec.func, *spec.args, **{**spec.keywords, "submodules": submodules})
+    return dataclasses.replace(spec, submodules=submodules)
 
 
 lns_local_spec = get_gpt_lns_layer_spec("local", "lns")

@@ -224,15 +224,15 @@ def load_checkpoint(root: str, model: List, optimizer=None, scheduler=None, load
     saved = saved_config(directory)
     same_layout = (saved.get("tensor_model_parallel_size") == parallel_state.get_tensor_model_parallel_world_size()
                    and saved.get("pipeline_model_parallel_size") == parallel_state.get_pipeline_model_parallel_world_size())
-    metadata = dist_checkpointing.load_content_metadata(directory) or {}
-    sharded = _sharded_state(model, optimizer, is_loading=True, metadata=metadata)
-    if not (load_rng and same_layout):
-        sharded.pop("rng_state")
-    strategy = None
-    if fully_parallel:
-        strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(directory),
-                                                    parallel_state.get_data_parallel_group(with_context_parallel=True))
-    try:
+    try:  # megatron-core 0.19 reads the content metadata from the shards too
+        metadata = dist_checkpointing.load_content_metadata(directory) or {}
+        sharded = _sharded_state(model, optimizer, is_loading=True, metadata=metadata)
+        if not (load_rng and same_layout):
+            sharded.pop("rng_state")
+        strategy = None
+        if fully_parallel:
+            strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(directory),
+                                                        parallel_state.get_data_parallel_group(with_context_parallel=True))
         state = dist_checkpointing.load(sharded, directory, sharded_strategy=strategy)
     except (Exception, TorchCheckpointException) as e:  # a missing shard, a torn file, another model shape
         lines = str(e).strip().splitlines()  # torch's CheckpointException carries a whole traceback

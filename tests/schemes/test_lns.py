@@ -28,6 +28,22 @@ def randomize_norms(model, gen):
                 p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=gen).to(p.device))
 
 
+def same_spec(a, b) -> bool:
+    """Specs equal field by field; megatron-core 0.19 wraps some submodules in functools.partial, which
+    compares by identity, so a partial is compared by its function and arguments."""
+    import dataclasses
+    import functools
+
+    if isinstance(a, functools.partial) and isinstance(b, functools.partial):
+        return a.func == b.func and len(a.args) == len(b.args) and all(map(same_spec, a.args, b.args)) \
+            and a.keywords.keys() == b.keywords.keys() and all(same_spec(a.keywords[k], b.keywords[k]) for k in a.keywords)
+    if dataclasses.is_dataclass(a) and not isinstance(a, type) and type(a) is type(b):
+        return all(same_spec(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_spec(a[k], b[k]) for k in a)
+    return a == b
+
+
 def test_layernorm_scale_values():
     assert layernorm_scale(1) == 1.0
     assert layernorm_scale(4) == 0.5
@@ -77,7 +93,7 @@ def test_gpt_model_matches_plain_pytorch_reference(megatron_tp1, num_query_group
 
 def test_pre_scheme_is_megatron_local_spec(megatron_tp1):
     """(b) norm_scheme='pre' is megatron-core's own local spec, and computes the same function."""
-    assert get_gpt_lns_layer_spec("local", "pre") == get_gpt_layer_local_spec(normalization="RMSNorm")
+    assert same_spec(get_gpt_lns_layer_spec("local", "pre"), get_gpt_layer_local_spec(normalization="RMSNorm"))
     config = tiny_config()
     torch.manual_seed(3)
     ours = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ, norm_scheme="pre").to(DEVICE)
@@ -142,7 +158,7 @@ def test_effective_affine_equals_scaled_output(normalization, zero_centered):
 
 def test_biases_and_qk_layernorm(megatron_tp1):
     """Linear biases and qk-layernorm are untouched; only the two pre-norms are scaled."""
-    config = tiny_config(add_bias_linear=True, add_qkv_bias=True, normalization="LayerNorm")
+    config = tiny_config(add_bias_linear=True, add_qkv_bias=True, normalization="LayerNorm", qk_layernorm=True)
     spec = get_gpt_lns_layer_spec("local", "lns", normalization="LayerNorm", qk_layernorm=True)
     layer = LNSTransformerLayer(config, spec.submodules, layer_number=9).to(DEVICE)
     assert layer.input_layernorm.lns_scale == pytest.approx(1 / 3)
@@ -238,3 +254,27 @@ def test_module_level_spec_works_as_megatron_lm_spec_argument(megatron_tp1):
     assert isinstance(spec, ModuleSpec) and spec.module is LNSTransformerLayer
     model = GPTModel(tiny_config(), spec, VOCAB, SEQ, position_embedding_type="rope")
     assert [l.input_layernorm.lns_scale for l in model.decoder.layers] == [1 / math.sqrt(i) for i in range(1, 5)]
+
+
+def test_fused_submodule_swap_handles_specs_and_partials():
+    """The TE spec's fused norm+linear is swapped in a ModuleSpec (0.16) and in a partial (0.19's MLP)."""
+    import functools
+
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from lns_megatron.models.specs import _with_submodule
+
+    class Fused(ColumnParallelLinear):
+        pass
+
+    sub = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    as_spec = _with_submodule(ModuleSpec(module=MLP, submodules=sub), "linear_fc1", Fused)
+    assert as_spec.module is MLP and as_spec.submodules.linear_fc1 is Fused
+    assert as_spec.submodules.linear_fc2 is RowParallelLinear
+    as_partial = _with_submodule(functools.partial(MLP, submodules=sub), "linear_fc1", Fused)
+    assert as_partial.func is MLP and as_partial.keywords["submodules"].linear_fc1 is Fused
+    assert sub.linear_fc1 is ColumnParallelLinear  # the original is not modified
+    no_field = ModuleSpec(module=MLP, submodules=None)
+    assert _with_submodule(no_field, "linear_fc1", Fused) is no_field
