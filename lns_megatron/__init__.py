@@ -3,7 +3,7 @@
 The package is grouped by concern, each folder importing only from those listed before it:
 ``config``/``cpu``/``files`` -> ``schemes`` (the norm schemes) -> ``models`` (specs, GPTModel)
 -> ``data`` -> ``training`` (loop, checkpoints, safety, metrics) -> ``diagnostics`` (the depth
-report) -> ``hf`` (Hugging Face export).
+report) -> ``hf`` (Hugging Face export, LNS on Hugging Face models, fine-tuning with DeepSpeed).
 
 The public names below load on first use, so that ``python -m lns_megatron.pretrain`` can set
 up its warning filters before megatron-core is imported.
