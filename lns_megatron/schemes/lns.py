@@ -137,7 +137,7 @@ class LNSTransformerLayer(TransformerLayer):
 
     def __init__(self, config: TransformerConfig, submodules, layer_number: int = 1, *args, **kwargs):
         super().__init__(config, submodules, layer_number, *args, **kwargs)
-        self.lns_scale = layernorm_scale(self.layer_number)
+        self.lns_scale = layernorm_scale(self.lns_depth())
         for where, carrier in self._pre_norm_carriers():
             if not hasattr(type(carrier), "lns_scale"):
                 raise TypeError(
@@ -147,15 +147,20 @@ class LNSTransformerLayer(TransformerLayer):
                 )
             carrier.lns_scale = self.lns_scale
 
+    def lns_depth(self) -> int:
+        """The ``l`` of 1/sqrt(l): the global layer number (a hybrid stack counts pairs instead)."""
+        return self.layer_number
+
     def _pre_norm_carriers(self):
-        """The modules that hold the pre-attention and pre-MLP norm parameters."""
-        attn = self.input_layernorm
-        if isinstance(attn, IdentityOp):
-            attn = self.self_attention.linear_qkv
-        mlp = self.pre_mlp_layernorm
-        if isinstance(mlp, IdentityOp):
-            mlp = self.mlp.linear_fc1
-        return [("pre-attention", attn), ("pre-MLP", mlp)]
+        """The modules that hold the pre-attention and pre-MLP norm parameters (of the sublayers this
+        layer has: a hybrid layer has attention or MLP only)."""
+        carriers = []
+        for where, norm, sublayer, fused in (("pre-attention", self.input_layernorm, self.self_attention, "linear_qkv"),
+                                             ("pre-MLP", self.pre_mlp_layernorm, self.mlp, "linear_fc1")):
+            if isinstance(norm, IdentityOp) and isinstance(sublayer, IdentityOp):
+                continue  # no such sublayer
+            carriers.append((where, getattr(sublayer, fused) if isinstance(norm, IdentityOp) else norm))
+        return carriers
 
     def extra_repr(self) -> str:
         return f"layer_number={self.layer_number}, lns_scale={self.lns_scale:.6g}"

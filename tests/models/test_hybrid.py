@@ -1,0 +1,94 @@
+"""LNS on megatron-core's HybridModel (0.19+): the same network as GPTModel+LNS gives the same logits."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core.models.hybrid.hybrid_model",
+                    reason="HybridModel is in megatron-core 0.19 and later (CI's Python 3.12 leg runs these tests)")
+
+from lns_megatron.models.gpt import build_gpt_model, tiny_config  # noqa: E402
+from lns_megatron.models.hybrid import build_hybrid_lns_model, check_lns_pattern  # noqa: E402
+
+VOCAB, SEQ, BATCH, PAIRS = 96, 12, 2, 4
+
+
+def hybrid_name(name: str) -> str:
+    """GPTModel key -> HybridModel key: transformer layer i is hybrid layers 2i (attention) and 2i+1 (MLP)."""
+    if name.startswith("decoder.layers."):
+        i, rest = name[len("decoder.layers."):].split(".", 1)
+        attention = rest.startswith(("input_layernorm", "self_attention"))
+        return f"decoder.layers.{2 * int(i) + (0 if attention else 1)}.{rest}"
+    return name.replace("decoder.final_layernorm.", "decoder.final_norm.")
+
+
+def logits(model, tokens):
+    positions = torch.arange(SEQ).expand(BATCH, SEQ)
+    mask = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), 1)
+    return model(tokens, positions, mask)
+
+
+def test_hybrid_lns_equals_gpt_lns_on_the_same_weights(megatron_tp1):
+    pattern = "*-" * PAIRS
+    torch.manual_seed(0)
+    config = tiny_config(num_layers=PAIRS)
+    gpt = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ)
+    with torch.no_grad():
+        for name, p in gpt.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.5 * torch.randn_like(p))
+    hybrid = build_hybrid_lns_model(dataclasses.replace(config, num_layers=2 * PAIRS), VOCAB, SEQ, pattern)
+    gpt_state = {k: v for k, v in gpt.state_dict().items() if not k.endswith("_extra_state")}
+    hybrid_keys = {k for k in hybrid.state_dict() if not k.endswith("_extra_state")}
+    assert {hybrid_name(k) for k in gpt_state} == hybrid_keys  # the same network, parameter for parameter
+    hybrid.load_state_dict({hybrid_name(k): v for k, v in gpt_state.items()}, strict=False)
+
+    for i, layer in enumerate(hybrid.decoder.layers):  # attention and MLP of pair l share 1/sqrt(l)
+        assert layer.lns_scale == pytest.approx(1 / math.sqrt(i // 2 + 1))
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    expected = logits(gpt, tokens)
+    got = logits(hybrid, tokens)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+    # Counting l over hybrid layers instead of pairs would be another network: the check can fail.
+    for i, layer in enumerate(hybrid.decoder.layers):
+        for norm in (layer.input_layernorm, layer.pre_mlp_layernorm):
+            if hasattr(norm, "lns_scale"):
+                norm.lns_scale = 1 / math.sqrt(i + 1)
+    assert (logits(hybrid, tokens) - expected).abs().max() > 1e-3
+
+
+def test_patterns_lns_cannot_map_are_refused(megatron_tp1):
+    assert check_lns_pattern("*-*-") == 2 and check_lns_pattern("*-|*-/*-") == 2
+    for bad in ("*--*", "-*-*", "**--", "M*-", "*-E-", "*-*"):
+        with pytest.raises(ValueError, match="must alternate attention and MLP"):
+            check_lns_pattern(bad)
+    with pytest.raises(ValueError, match="num_layers=4 but hybrid_layer_pattern '\\*-\\*-\\*-' has 6 layers"):
+        build_hybrid_lns_model(tiny_config(num_layers=4), VOCAB, SEQ, "*-*-*-")
+    # The spec used with megatron's own HybridModel: a symbol without an LNS mapping is refused, not skipped.
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    from lns_megatron.models.hybrid import get_hybrid_lns_stack_spec
+
+    with pytest.raises(ValueError, match="layer 1 of the pattern is not attention"):
+        HybridModel(tiny_config(num_layers=2), get_hybrid_lns_stack_spec(), VOCAB, SEQ, hybrid_layer_pattern="M-",
+                    position_embedding_type="rope")
+
+
+def test_depth_comes_from_the_global_layer_number(megatron_tp1):
+    """A later pipeline stage's layers carry megatron's global numbers (offset included): hybrid layers
+    5 and 6 are transformer layer 3; an attention layer at an even position is refused."""
+    from lns_megatron.models.hybrid import LNSHybridLayer, get_hybrid_lns_stack_spec
+
+    spec = get_hybrid_lns_stack_spec().submodules
+    config = tiny_config(num_layers=8)
+    attention = LNSHybridLayer(config, spec.attention_layer.submodules, layer_number=5)
+    mlp = LNSHybridLayer(config, spec.mlp_layer.submodules, layer_number=6)
+    assert attention.lns_scale == mlp.lns_scale == pytest.approx(1 / math.sqrt(3))
+    assert attention.input_layernorm.lns_scale == mlp.pre_mlp_layernorm.lns_scale == attention.lns_scale
+    with pytest.raises(ValueError, match="an attention layer at position 6"):
+        LNSHybridLayer(config, spec.attention_layer.submodules, layer_number=6)
+    with pytest.raises(ValueError, match="an MLP layer at position 5"):
+        LNSHybridLayer(config, spec.mlp_layer.submodules, layer_number=5)
