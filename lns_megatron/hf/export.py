@@ -27,7 +27,8 @@ from lns_megatron.training.checkpoint import (CONFIG_FILE, TRACKER, CheckpointEr
                                               load_model, saved_config)
 from lns_megatron.config import PretrainConfig
 from lns_megatron.schemes.lns import layernorm_scale
-from lns_megatron.hf.scaling import PRE_NORMS
+from lns_megatron.hf.scaling import (PRE_NORMS, LayerNormScalingError, fold_layernorm_scaling, from_pretrained,
+                                     is_lns)
 
 MAX_SHARD_BYTES = 5 * 1024**3  # Hugging Face's default shard size
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -268,8 +269,6 @@ def is_hf_directory(path: str) -> bool:
 def export_hf_directory(source: str, output: str, dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> str:
     """Re-export a Hugging Face model (one fine-tuned as LNS, say) as a plain Llama-family model: an
     unfolded LNS scale is folded into the norm weights; the tokenizer files travel with it."""
-    from lns_megatron.hf.scaling import fold_layernorm_scaling, from_pretrained, is_lns
-
     output = _check_output(output, overwrite)
     model = from_pretrained(source, dtype=torch.float32)  # fold in float32, round once to dtype
     if is_lns(model):
@@ -305,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     args = build_parser().parse_args(argv)
-    if os.path.isdir(args.load) and is_hf_directory(args.load):
+    if is_hf_directory(args.load):
         return _main_hf(args)
     from lns_megatron.training import distributed
 
@@ -331,8 +330,6 @@ def main(argv=None) -> int:
 
 
 def _main_hf(args) -> int:
-    from lns_megatron.hf.scaling import LayerNormScalingError
-
     def fail(message):
         print(f"export_hf: error: {message}", file=sys.stderr, flush=True)
         return 2

@@ -304,7 +304,7 @@ def layer_grad_norms(model) -> List[float]:
 def hidden_state_stats(model, batch: Dict[str, torch.Tensor]) -> Dict[str, List[float]]:
     """Residual-stream variance after each layer and the angular distance between its input and output,
     over the batch's real (unpadded) tokens."""
-    from lns_megatron.training.probes import angular_distance
+    from lns_megatron.training.probes import angular_distance, layer_input, layer_output
 
     layers = decoder_layers(model)
     mask = batch["attention_mask"].bool()
@@ -312,8 +312,7 @@ def hidden_state_stats(model, batch: Dict[str, torch.Tensor]) -> Dict[str, List[
 
     def hook(index):
         def record(module, args, kwargs, output):
-            x = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])[mask].double()
-            y = (output[0] if isinstance(output, tuple) else output)[mask].double()
+            x, y = layer_input(args, kwargs)[mask].double(), layer_output(output)[mask].double()
             variance[index] = float(y.var(unbiased=False))
             angle[index] = float(angular_distance(x, y).mean())
         return record

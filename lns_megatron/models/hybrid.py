@@ -23,6 +23,14 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from lns_megatron.models.specs import get_gpt_lns_layer_spec
 from lns_megatron.schemes.lns import LNSNorm, LNSTransformerLayer
 
+try:  # megatron-core 0.19 and later
+    from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    HAVE_HYBRID = True
+except ImportError:
+    HAVE_HYBRID = False
+
 ALTERNATING = re.compile(r"^(\*-)+$")
 
 
@@ -57,24 +65,7 @@ class _NoLNSMapping:
                          "LNS on HybridModel maps alternating attention and MLP layers only")
 
 
-def get_hybrid_lns_stack_spec(norm_scheme: str = "lns", normalization: str = "RMSNorm") -> ModuleSpec:
-    """A ``HybridStack`` spec of local modules: attention and MLP layers with LNS (or Pre-LN)."""
-    from megatron.core.models.hybrid.hybrid_block import HybridStackSubmodules
-
-    gpt = get_gpt_lns_layer_spec("local", norm_scheme, normalization)
-    layer = LNSHybridLayer if norm_scheme == "lns" else gpt.module
-    sub = gpt.submodules
-    attention = dataclasses.replace(sub, pre_mlp_layernorm=IdentityOp, mlp=IdentityOp, mlp_bda=IdentityFuncOp)
-    mlp = dataclasses.replace(sub, input_layernorm=IdentityOp, self_attention=IdentityOp, self_attn_bda=IdentityFuncOp)
-    refused = {f.name: _NoLNSMapping for f in dataclasses.fields(HybridStackSubmodules)
-               if f.name not in ("attention_layer", "mlp_layer", "mtp_block_spec")}
-    return ModuleSpec(module=_stack_class(), submodules=HybridStackSubmodules(
-        attention_layer=ModuleSpec(module=layer, submodules=attention),
-        mlp_layer=ModuleSpec(module=layer, submodules=mlp), **refused))
-
-
-def _stack_class():
-    from megatron.core.models.hybrid.hybrid_block import HybridStack
+if HAVE_HYBRID:
 
     class LNSHybridStack(HybridStack):
         """megatron-core's ``HybridStack`` with a local (unscaled) final norm instead of Transformer Engine's."""
@@ -85,14 +76,32 @@ def _stack_class():
             if self.post_process and post_layer_norm:
                 self.final_norm = LNSNorm(config, config.hidden_size, eps=config.layernorm_epsilon)
 
-    return LNSHybridStack
+
+def _require_hybrid(what: str) -> None:
+    if not HAVE_HYBRID:
+        raise ImportError(f"{what}: HybridModel is in megatron-core 0.19 and later (Python 3.12); "
+                          "upgrade megatron-core, or use GPTModel with get_gpt_lns_layer_spec")
+
+
+def get_hybrid_lns_stack_spec(norm_scheme: str = "lns", normalization: str = "RMSNorm") -> ModuleSpec:
+    """A ``HybridStack`` spec of local modules: attention and MLP layers with LNS (or Pre-LN)."""
+    _require_hybrid("get_hybrid_lns_stack_spec")
+    gpt = get_gpt_lns_layer_spec("local", norm_scheme, normalization)
+    layer = LNSHybridLayer if norm_scheme == "lns" else gpt.module
+    sub = gpt.submodules
+    attention = dataclasses.replace(sub, pre_mlp_layernorm=IdentityOp, mlp=IdentityOp, mlp_bda=IdentityFuncOp)
+    mlp = dataclasses.replace(sub, input_layernorm=IdentityOp, self_attention=IdentityOp, self_attn_bda=IdentityFuncOp)
+    refused = {f.name: _NoLNSMapping for f in dataclasses.fields(HybridStackSubmodules)
+               if f.name not in ("attention_layer", "mlp_layer", "mtp_block_spec")}
+    return ModuleSpec(module=LNSHybridStack, submodules=HybridStackSubmodules(
+        attention_layer=ModuleSpec(module=layer, submodules=attention),
+        mlp_layer=ModuleSpec(module=layer, submodules=mlp), **refused))
 
 
 def build_hybrid_lns_model(config, vocab_size: int, max_sequence_length: int, hybrid_layer_pattern: str,
                            norm_scheme: str = "lns", **kwargs):
     """A ``HybridModel`` with LNS; ``config.num_layers`` counts hybrid layers (twice the transformer layers)."""
-    from megatron.core.models.hybrid.hybrid_model import HybridModel
-
+    _require_hybrid("build_hybrid_lns_model")
     pairs = check_lns_pattern(hybrid_layer_pattern)
     if config.num_layers != 2 * pairs:
         raise ValueError(f"build_hybrid_lns_model: num_layers={config.num_layers} but hybrid_layer_pattern "

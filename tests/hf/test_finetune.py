@@ -21,7 +21,6 @@ from lns_megatron.training.distributed import free_port
 
 LAYERS, VOCAB = 4, 64
 STEPS = 3
-deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e .[deepspeed])")
 
 
 def word_tokenizer(directory, vocab=VOCAB):
