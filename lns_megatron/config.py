@@ -62,7 +62,7 @@ POSITIVE, NON_NEGATIVE = dict(above=0), dict(at_least=0)
 
 def _flag(help: str, default=None, flag: Optional[str] = None, **kw):
     """A field that is also a flag. Non-argparse keys: ``flag`` (a name other than the field's),
-    ``above``/``at_least``/``below`` (bounds checked by :func:`validate`)."""
+    ``above``/``at_least``/``below``/``at_most`` (bounds checked by :func:`validate`)."""
     return field(default=default, metadata=dict(help=help, flag=flag, **kw))
 
 
@@ -95,8 +95,25 @@ class PretrainConfig:
     embedding_init_method_std: Optional[float] = _flag("std of the embedding init (default: --init-method-std)",
                                                        **POSITIVE)
     depth_scaled_output_init: bool = _flag("the same as --output-layer-init scaled (kept for old command lines)", False)
+    hybrid_layer_pattern: Optional[str] = _flag("build megatron-core's HybridModel (0.19+) instead of GPTModel: "
+                                                "'*-' (attention, MLP) once per transformer layer, e.g. '*-*-*-*-' "
+                                                "for --num-layers 4; the same network, pipeline split as GPTModel's")
     transformer_impl: str = _flag("layer implementation", "local", choices=["local", "transformer_engine"])
-    norm_scheme: str = _flag("pre: Pre-LN; lns: LayerNorm Scaling 1/sqrt(layer)", "lns", choices=["pre", "lns"])
+    norm_scheme: str = _flag("pre: Pre-LN; lns: LayerNorm Scaling 1/sqrt(layer); peri: Peri-LN (norms on the "
+                             "attention and MLP outputs too); peri-lns: Peri-LN with LNS on the input norms; post: "
+                             "Post-LN; mix: Mix-LN (Post-LN in the first --mix-ln-alpha of the layers); deepnorm: "
+                             "DeepNorm; dyt: Dynamic Tanh in place of every norm", "lns",
+                             choices=["pre", "lns", "peri", "peri-lns", "post", "mix", "deepnorm", "dyt"])
+    mix_ln_alpha: float = _flag("--norm-scheme mix: the fraction of layers, from the first, that are Post-LN "
+                                "(floor(alpha * layers))", 0.25, at_least=0, at_most=1)
+    dyt_alpha_init: float = _flag("--norm-scheme dyt: the initial alpha of every DyT", 0.5, **POSITIVE)
+    dyt_alpha_init_attention: Optional[float] = _flag("--norm-scheme dyt: the initial alpha before attention "
+                                                      "(default --dyt-alpha-init; the paper's LLaMA 2 7B: 0.8)",
+                                                      **POSITIVE)
+    dyt_alpha_init_mlp: Optional[float] = _flag("--norm-scheme dyt: the initial alpha before the MLP (default "
+                                                "--dyt-alpha-init; LLaMA 2 7B: 0.2)", **POSITIVE)
+    dyt_alpha_init_final: Optional[float] = _flag("--norm-scheme dyt: the initial alpha of the final DyT (default "
+                                                  "--dyt-alpha-init; LLaMA 2 7B: 0.2)", **POSITIVE)
     make_vocab_size_divisible_by: int = _flag("pad the vocabulary to a multiple of this times TP", 128, **POSITIVE)
     # Batches and schedule
     micro_batch_size: int = _flag("samples per micro-batch per GPU", 1, **POSITIVE)
@@ -305,6 +322,8 @@ def check_bounds(c: PretrainConfig) -> None:
             raise ConfigError(f"{flag} {value}: must be at least {meta['at_least']}")
         if "below" in meta and not value < meta["below"]:
             raise ConfigError(f"{flag} {value}: must be less than {meta['below']}")
+        if "at_most" in meta and not value <= meta["at_most"]:
+            raise ConfigError(f"{flag} {value}: must be at most {meta['at_most']}")
 
 
 def validate(c: PretrainConfig, cuda_available: bool, have_te: bool) -> None:
@@ -352,12 +371,17 @@ def validate(c: PretrainConfig, cuda_available: bool, have_te: bool) -> None:
          "raise --max-position-embeddings or shorten --seq-length")
     if c.sequence_parallel:
         need(tp > 1, "--sequence-parallel needs --tensor-model-parallel-size > 1")
-        need(c.transformer_impl == "transformer_engine" or c.norm_scheme == "lns",
-             "--sequence-parallel with --transformer-impl local needs --norm-scheme lns "
+        need(c.transformer_impl == "transformer_engine" or c.norm_scheme != "pre",
+             "--sequence-parallel with --transformer-impl local needs a --norm-scheme other than pre "
              "(megatron's local Pre-LN norm refuses sequence parallelism); or use --transformer-impl transformer_engine")
     if c.apply_layernorm_1p and c.transformer_impl == "local":
-        need(c.norm_scheme == "lns", "--apply-layernorm-1p with --transformer-impl local needs --norm-scheme lns "
-             "(megatron's local Pre-LN norm refuses zero-centered gamma)")
+        need(c.norm_scheme != "pre", "--apply-layernorm-1p with --transformer-impl local needs a --norm-scheme other "
+             "than pre (megatron's local Pre-LN norm refuses zero-centered gamma)")
+    if c.norm_scheme == "dyt":
+        need(c.transformer_impl == "local", "--norm-scheme dyt with --transformer-impl transformer_engine: Transformer "
+             "Engine fuses LayerNorm and RMSNorm only, it has no tanh; use --transformer-impl local")
+        need(not c.qk_layernorm, "--norm-scheme dyt replaces every norm, and --qk-layernorm's are not DyT; leave "
+             "--qk-layernorm out")
     if c.overlap_param_gather:
         need(c.use_distributed_optimizer, "--overlap-param-gather needs --use-distributed-optimizer")
     if c.transformer_impl == "transformer_engine" or c.fp8_format:

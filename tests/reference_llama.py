@@ -27,10 +27,28 @@ def rope(x, base=10000.0):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def forward(params, tokens, *, num_layers, num_heads, num_query_groups, eps, lns):
-    """Logits [b, s, vocab] for ``tokens`` [b, s]; ``params`` maps megatron names to tensors."""
+def forward(params, tokens, *, num_layers, num_heads, num_query_groups, eps, lns, peri=False, post_layers=0,
+            residual_scale=1.0, final_norm=True, dyt=False):
+    """Logits [b, s, vocab] for ``tokens`` [b, s]; ``params`` maps megatron names to tensors.
+
+    ``lns``: the input norms' outputs of layer l times 1/sqrt(l). ``peri`` (Peri-LN, Kim et al. 2025): each
+    sublayer's output goes through its own RMSNorm before the residual add, x + Norm_out(F(Norm_in(x))).
+    ``post_layers``: the first that many layers are Post-LN, x <- Norm(a x + F(x)) with ``a = residual_scale``
+    (Post-LN: all layers, a = 1; Mix-LN: the first floor(alpha N); DeepNorm: all, a = (2N)^(1/4)).
+    ``final_norm``: whether the last hidden state is normalized before the output layer.
+    ``dyt`` (Zhu et al. 2025, LLaMA code): every RMSNorm is ``weight * tanh(alpha * x)`` and the embedding
+    output is multiplied by the learnable ``embedding_scale``.
+    """
     p = params
+
+    def norm(x, name):
+        if dyt:
+            return p[name + ".weight"] * torch.tanh(p[name + ".alpha"] * x)
+        return rms_norm(x, p[name + ".weight"], eps)
+
     h = p["embedding.word_embeddings.weight"][tokens].transpose(0, 1)  # [s, b, hidden]
+    if dyt:
+        h = h * p["embedding_scale"]
     s, b, hidden = h.shape
     head_dim = hidden // num_heads
     heads_per_group = num_heads // num_query_groups
@@ -38,7 +56,8 @@ def forward(params, tokens, *, num_layers, num_heads, num_query_groups, eps, lns
     for i in range(num_layers):
         pre = f"decoder.layers.{i}."
         scale = 1.0 / math.sqrt(i + 1) if lns else 1.0
-        x = rms_norm(h, p[pre + "input_layernorm.weight"], eps) * scale
+        is_post = i < post_layers
+        x = h if is_post else norm(h, pre + "input_layernorm") * scale
         qkv = (x @ p[pre + "self_attention.linear_qkv.weight"].T).view(
             s, b, num_query_groups, (heads_per_group + 2) * head_dim
         )
@@ -50,9 +69,50 @@ def forward(params, tokens, *, num_layers, num_heads, num_query_groups, eps, lns
         scores = torch.einsum("sbhd,tbhd->bhst", q, k) / math.sqrt(head_dim)
         probs = scores.masked_fill(causal, float("-inf")).softmax(-1)
         attn = torch.einsum("bhst,tbhd->sbhd", probs, v).reshape(s, b, hidden)
-        h = h + attn @ p[pre + "self_attention.linear_proj.weight"].T
-        x = rms_norm(h, p[pre + "pre_mlp_layernorm.weight"], eps) * scale
+        attn = attn @ p[pre + "self_attention.linear_proj.weight"].T
+        if peri:
+            attn = rms_norm(attn, p[pre + "self_attention.linear_proj.output_norm.weight"], eps)
+        if is_post:
+            h = rms_norm(residual_scale * h + attn, p[pre + "post_self_attn_layernorm.weight"], eps)
+        else:
+            h = h + attn
+        x = h if is_post else norm(h, pre + "pre_mlp_layernorm") * scale
         gate, up = (x @ p[pre + "mlp.linear_fc1.weight"].T).chunk(2, dim=-1)
-        h = h + (F.silu(gate) * up) @ p[pre + "mlp.linear_fc2.weight"].T
-    h = rms_norm(h, p["decoder.final_layernorm.weight"], eps)
+        mlp = (F.silu(gate) * up) @ p[pre + "mlp.linear_fc2.weight"].T
+        if peri:
+            mlp = rms_norm(mlp, p[pre + "mlp.linear_fc2.output_norm.weight"], eps)
+        if is_post:
+            h = rms_norm(residual_scale * h + mlp, p[pre + "post_mlp_layernorm.weight"], eps)
+        else:
+            h = h + mlp
+    if final_norm:
+        h = norm(h, "decoder.final_layernorm")
     return (h @ p["output_layer.weight"].T).transpose(0, 1)
+
+
+def check_model(model, config, vocab, seq, gen, batch=2, **scheme):
+    """The float32 megatron ``model`` against this float64 reference with ``scheme`` (``forward``'s keywords),
+    on random tokens and a random probe of the logits: logits equal at rtol 1e-5 / atol 2e-5, every parameter
+    gradient at rtol 1e-4 / atol 1e-5. Returns ``(other, logits)``: ``other(**scheme)`` evaluates the
+    reference with other keywords on the same weights and tokens (to show that a variant differs)."""
+    device = next(model.parameters()).device
+    tokens = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
+    positions = torch.arange(seq, device=device).expand(batch, seq)
+    mask = torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool, device=device), 1)
+    probe = torch.randn(batch, seq, vocab, generator=gen, dtype=torch.float64).to(device)
+    logits = model(tokens, positions, mask)
+    (logits.double() * probe).sum().backward()
+    params = {n: p.detach().double().requires_grad_(True) for n, p in model.named_parameters()}
+    shape = dict(num_layers=config.num_layers, num_heads=config.num_attention_heads,
+                 num_query_groups=config.num_query_groups, eps=config.layernorm_epsilon)
+    ref = forward(params, tokens, **shape, **scheme)
+    (ref * probe).sum().backward()
+    torch.testing.assert_close(logits.double(), ref, rtol=1e-5, atol=2e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad.double(), params[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+
+    def other(weights=None, **variant):
+        with torch.no_grad():
+            return forward(weights or params, tokens, **shape, **variant)
+
+    return other, logits.detach().double(), params

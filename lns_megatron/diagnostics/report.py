@@ -129,9 +129,11 @@ def skipped_layer(gpt_model, index: int):
 
 
 def lens_logits(gpt_model, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits [b, s, vocab] of a residual-stream state [s, b, h]: final norm, then output layer."""
+    """Logits [b, s, vocab] of a residual-stream state [s, b, h]: final norm (none under Post-LN and DeepNorm,
+    whose layers end in a norm), then output layer."""
     weight = gpt_model.shared_embedding_or_output_weight() if gpt_model.share_embeddings_and_output_weights else None
-    logits, _ = gpt_model.output_layer(gpt_model.decoder.final_layernorm(hidden), weight=weight)
+    final_norm = gpt_model.decoder.final_layernorm
+    logits, _ = gpt_model.output_layer(hidden if final_norm is None else final_norm(hidden), weight=weight)
     return logits.transpose(0, 1)
 
 

@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.utils import init_method_normal
+from megatron.core.utils import init_method_normal, scaled_init_method_normal
 
 from lns_megatron import cpu
 from lns_megatron.config import PretrainConfig
-from lns_megatron.schemes.lns import LNSNorm
-from lns_megatron.models.specs import get_gpt_lns_layer_spec
+from lns_megatron.models.specs import get_gpt_lns_block_spec, get_gpt_lns_layer_spec
+from lns_megatron.schemes import NORM_SCHEMES
+from lns_megatron.schemes.tanh import DyTGPTModel
 
 
 OUTPUT_LAYER_INITS = ("plain", "scaled")
@@ -42,9 +42,14 @@ def lns_transformer_config(output_layer_init: str = "plain", **config_kwargs) ->
 
 def transformer_config(c: PretrainConfig) -> TransformerConfig:
     """The driver's flags as megatron-core's TransformerConfig (used by training and by the tools' loader)."""
+    hybrid = {}
+    if c.hybrid_layer_pattern:  # HybridModel's layers are attention or MLP: twice the transformer layers
+        hybrid["num_layers"] = 2 * c.num_layers
+        if c.output_layer_init == "scaled":  # std/sqrt(2L) with L transformer layers, as for GPTModel
+            hybrid["output_layer_init_method"] = scaled_init_method_normal(c.init_method_std, c.num_layers)
     return lns_transformer_config(
         c.output_layer_init,
-        num_layers=c.num_layers,
+        **{"num_layers": c.num_layers, **hybrid},
         hidden_size=c.hidden_size,
         ffn_hidden_size=c.ffn_hidden_size,
         num_attention_heads=c.num_attention_heads,
@@ -113,24 +118,22 @@ def build_gpt_model(
     norm_scheme: str = "lns",
     transformer_impl: str = "local",
     position_embedding_type: str = "rope",
+    rotary_base: int = 10000,
     share_embeddings_and_output_weights: bool = False,
     qk_layernorm: bool = False,
+    mix_ln_alpha: float = 0.25,
+    dyt_alpha_init: tuple = (0.5, 0.5, 0.5),
     vp_stage: Optional[int] = None,
 ) -> GPTModel:
     """One model chunk for this pipeline rank (and virtual stage ``vp_stage``)."""
-    spec = get_gpt_lns_layer_spec(
-        transformer_impl=transformer_impl,
-        norm_scheme=norm_scheme,
-        normalization=config.normalization,
-        qk_layernorm=qk_layernorm,
-    )
-    if norm_scheme == "lns" and transformer_impl == "local":
-        # megatron's final norm without apex (WrappedTorchNorm) refuses sequence parallelism and
-        # zero-centered gamma; an unscaled LNSNorm supports both and is the same function.
-        spec = TransformerBlockSubmodules(
-            layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=LNSNorm
-        )
-    return GPTModel(
+    if norm_scheme == "pre":  # megatron-core's own layer and final norm: the baseline, unchanged
+        spec = get_gpt_lns_layer_spec(transformer_impl=transformer_impl, norm_scheme="pre",
+                                      normalization=config.normalization, qk_layernorm=qk_layernorm)
+    else:
+        spec = get_gpt_lns_block_spec(config, transformer_impl, norm_scheme, qk_layernorm=qk_layernorm,
+                                      mix_ln_alpha=mix_ln_alpha, dyt_alpha_init=dyt_alpha_init, vp_stage=vp_stage)
+    model_class = DyTGPTModel if NORM_SCHEMES[norm_scheme].tanh else GPTModel
+    return model_class(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=vocab_size,
@@ -139,6 +142,7 @@ def build_gpt_model(
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=share_embeddings_and_output_weights,
         position_embedding_type=position_embedding_type,
+        rotary_base=rotary_base,
         vp_stage=vp_stage,
     )
 

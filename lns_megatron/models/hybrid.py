@@ -7,9 +7,13 @@ layer ``l`` by ``1/sqrt(l)``, so here the attention layer and the MLP layer of p
 hybrid layers ``2l - 1`` and ``2l`` (megatron's global, 1-based numbering, pipeline offsets included).
 
 Only a strictly alternating pattern ``*-*-...*-`` (with ``|`` pipeline separators anywhere) maps
-to the paper's ``l``; any other pattern, or a Mamba, MoE, MLA or GDN symbol, is refused. The final
-norm is an unscaled :class:`LNSNorm`, since megatron's ``HybridStack`` builds Transformer Engine's
-norm unconditionally, and the modules are megatron-core's local ones (as in ``get_gpt_lns_layer_spec``).
+to the paper's ``l``; any other pattern, or a Mamba, MoE, MLA or GDN symbol, is refused. The layers
+are those of ``get_gpt_lns_layer_spec`` (local, or Transformer Engine's fused norm+GEMM), split in
+two. With local modules the final norm is an unscaled :class:`LNSNorm`, since megatron's
+``HybridStack`` builds Transformer Engine's norm unconditionally.
+
+Such a HybridModel computes the same function as the GPTModel with the same weights
+(:func:`gpt_key` maps the names), which is how checkpoints of it are exported and inspected.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from megatron.core import parallel_state
 from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from lns_megatron.models.specs import get_gpt_lns_layer_spec
-from lns_megatron.schemes.lns import LNSNorm, LNSTransformerLayer
+from lns_megatron.schemes import NORM_SCHEMES
+from lns_megatron.schemes.lns import HAVE_TE, LNSNorm, LNSTransformerLayer
 
 try:  # megatron-core 0.19 and later
     from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
@@ -83,29 +89,92 @@ def _require_hybrid(what: str) -> None:
                           "upgrade megatron-core, or use GPTModel with get_gpt_lns_layer_spec")
 
 
-def get_hybrid_lns_stack_spec(norm_scheme: str = "lns", normalization: str = "RMSNorm") -> ModuleSpec:
-    """A ``HybridStack`` spec of local modules: attention and MLP layers with LNS (or Pre-LN)."""
+def get_hybrid_lns_stack_spec(norm_scheme: str = "lns", normalization: str = "RMSNorm",
+                              transformer_impl: str = "local", qk_layernorm: bool = False) -> ModuleSpec:
+    """A ``HybridStack`` spec: the attention and MLP halves of ``get_gpt_lns_layer_spec``'s layer, with LNS
+    (or Pre-LN). Under Transformer Engine the pre-norms stay fused into ``linear_qkv``/``linear_fc1``."""
     _require_hybrid("get_hybrid_lns_stack_spec")
-    gpt = get_gpt_lns_layer_spec("local", norm_scheme, normalization)
-    layer = LNSHybridLayer if norm_scheme == "lns" else gpt.module
+    if NORM_SCHEMES.get(norm_scheme) and NORM_SCHEMES[norm_scheme].gpt_only:
+        raise ValueError(f"get_hybrid_lns_stack_spec: norm_scheme={norm_scheme!r} is built for GPTModel's layers only")
+    gpt = get_gpt_lns_layer_spec(transformer_impl, norm_scheme, normalization, qk_layernorm=qk_layernorm)
+    layer = LNSHybridLayer if NORM_SCHEMES[norm_scheme].lns else gpt.module  # (checked by the GPT spec)
     sub = gpt.submodules
     attention = dataclasses.replace(sub, pre_mlp_layernorm=IdentityOp, mlp=IdentityOp, mlp_bda=IdentityFuncOp)
     mlp = dataclasses.replace(sub, input_layernorm=IdentityOp, self_attention=IdentityOp, self_attn_bda=IdentityFuncOp)
     refused = {f.name: _NoLNSMapping for f in dataclasses.fields(HybridStackSubmodules)
                if f.name not in ("attention_layer", "mlp_layer", "mtp_block_spec")}
-    return ModuleSpec(module=LNSHybridStack, submodules=HybridStackSubmodules(
+    stack = LNSHybridStack if transformer_impl == "local" else HybridStack  # TE: megatron's TENorm, unscaled
+    return ModuleSpec(module=stack, submodules=HybridStackSubmodules(
         attention_layer=ModuleSpec(module=layer, submodules=attention),
         mlp_layer=ModuleSpec(module=layer, submodules=mlp), **refused))
 
 
 def build_hybrid_lns_model(config, vocab_size: int, max_sequence_length: int, hybrid_layer_pattern: str,
-                           norm_scheme: str = "lns", **kwargs):
-    """A ``HybridModel`` with LNS; ``config.num_layers`` counts hybrid layers (twice the transformer layers)."""
+                           norm_scheme: str = "lns", transformer_impl: str = "local", qk_layernorm: bool = False,
+                           vp_stage=None, **kwargs):
+    """A ``HybridModel`` with LNS; ``config.num_layers`` counts hybrid layers (twice the transformer layers).
+
+    Builds the chunk of this pipeline rank and virtual stage ``vp_stage``; further keyword arguments go to
+    ``HybridModel``."""
     _require_hybrid("build_hybrid_lns_model")
     pairs = check_lns_pattern(hybrid_layer_pattern)
     if config.num_layers != 2 * pairs:
         raise ValueError(f"build_hybrid_lns_model: num_layers={config.num_layers} but hybrid_layer_pattern "
                          f"{hybrid_layer_pattern!r} has {2 * pairs} layers; set num_layers to {2 * pairs}")
     kwargs.setdefault("position_embedding_type", "rope")
-    return HybridModel(config, get_hybrid_lns_stack_spec(norm_scheme, config.normalization), vocab_size,
-                       max_sequence_length, hybrid_layer_pattern=hybrid_layer_pattern, **kwargs)
+    kwargs.setdefault("pre_process", parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage))
+    kwargs.setdefault("post_process", parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage))
+    spec = get_hybrid_lns_stack_spec(norm_scheme, config.normalization, transformer_impl, qk_layernorm)
+    return HybridModel(config, spec, vocab_size, max_sequence_length, hybrid_layer_pattern=hybrid_layer_pattern,
+                       vp_stage=vp_stage, **kwargs)
+
+
+def layout_pattern(pattern: str, num_layers: int, stages: int) -> str:
+    """The driver's ``--hybrid-layer-pattern`` for ``num_layers`` transformer layers split evenly over ``stages``
+    pipeline stages (PP x VPP chunks, as for GPTModel): the pattern with ``|`` between the stages' pairs."""
+    flag = "--hybrid-layer-pattern"
+    if "|" in pattern or "/" in pattern:
+        raise ValueError(f"{flag} {pattern!r}: give it without '|' or '/'; the pipeline stages come from "
+                         "--pipeline-model-parallel-size and --num-layers-per-virtual-pipeline-stage, as for "
+                         "GPTModel, and multi-token prediction is not supported by lns-pretrain")
+    try:
+        pairs = check_lns_pattern(pattern)
+    except ValueError as e:
+        raise ValueError(f"{flag} {str(e).split(' ', 1)[1]}") from None
+    if pairs != num_layers:
+        raise ValueError(f"{flag} {pattern!r} has {pairs} attention+MLP pairs but --num-layers is {num_layers}; "
+                         f"give {'*-' * num_layers!r} or --num-layers {pairs}")
+    per_stage = "*-" * (num_layers // stages)
+    return "|".join([per_stage] * stages)
+
+
+def layers_per_transformer_layer(model) -> int:
+    """2 for a HybridModel (attention and MLP are separate layers), 1 for a GPTModel."""
+    return 2 if HAVE_HYBRID and isinstance(model, HybridModel) else 1
+
+
+def gpt_key(name: str) -> str:
+    """A HybridModel (LNS stack) parameter name -> the same parameter's GPTModel name: hybrid layers ``2i``
+    (attention) and ``2i + 1`` (MLP) are transformer layer ``i``."""
+    if name.startswith("decoder.layers."):
+        index, rest = name[len("decoder.layers."):].split(".", 1)
+        return f"decoder.layers.{int(index) // 2}.{rest}"
+    return name.replace("decoder.final_norm.", "decoder.final_layernorm.")
+
+
+def copy_into_gpt(hybrid, gpt) -> None:
+    """Load a whole (unsplit) HybridModel's weights into the GPTModel of the same network, checking that every
+    parameter of each has its counterpart."""
+    source = {gpt_key(k): v for k, v in hybrid.state_dict().items() if not k.endswith("_extra_state")}
+    target = {k for k in gpt.state_dict() if not k.endswith("_extra_state")}
+    if set(source) != target:
+        raise ValueError(f"copy_into_gpt: the HybridModel and GPTModel differ: only in HybridModel "
+                         f"{sorted(set(source) - target)[:4]}, only in GPTModel {sorted(target - set(source))[:4]}")
+    gpt.load_state_dict(source, strict=False)
+
+
+# For Megatron-LM's `pretrain_hybrid.py --spec lns_megatron.specs lns_hybrid_stack_spec` (or the TE one).
+if HAVE_HYBRID:
+    lns_hybrid_stack_spec = get_hybrid_lns_stack_spec("lns")
+    if HAVE_TE:
+        lns_hybrid_te_stack_spec = get_hybrid_lns_stack_spec("lns", transformer_impl="transformer_engine")

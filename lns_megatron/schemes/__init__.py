@@ -1,1 +1,44 @@
-"""Norm schemes: one module per family, each citing its paper."""
+"""Norm schemes: one module per family, each citing its paper, and the registry ``--norm-scheme NAME``
+resolves through (``lns_megatron.models.specs`` builds the layer spec from it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class NormScheme:
+    name: str
+    description: str
+    lns: bool = False  # input norms of layer l scaled by 1/sqrt(l) (lns.py)
+    output_norms: bool = False  # Peri-LN norms on the attention and MLP outputs (peri.py)
+    post_norm: str = ""  # norms after the residual add (post.py): "all" layers, or Mix-LN's "first" ones
+    deepnorm: bool = False  # DeepNorm's residual and init scales (post.py)
+    final_norm: bool = True  # the norm before the output layer
+    tanh: bool = False  # every norm replaced by Dynamic Tanh (tanh.py)
+
+    @property
+    def gpt_only(self) -> bool:
+        """Built for GPTModel's layers only (HybridModel's stack takes the Pre-LN-shaped schemes)."""
+        return bool(self.post_norm) or self.tanh
+
+
+NORM_SCHEMES = {s.name: s for s in (
+    NormScheme("pre", "Pre-LN: megatron-core's own layer"),
+    NormScheme("lns", "LayerNorm Scaling: Pre-LN with the input norms of layer l scaled by 1/sqrt(l)", lns=True),
+    NormScheme("peri", "Peri-LN: norms on the input and the output of attention and MLP", output_norms=True),
+    NormScheme("peri-lns", "Peri-LN with LNS on the input norms", lns=True, output_norms=True),
+    NormScheme("post", "Post-LN: the norm after each residual add, no final norm", post_norm="all", final_norm=False),
+    NormScheme("mix", "Mix-LN: Post-LN in the first floor(alpha N) layers, Pre-LN after", post_norm="first"),
+    NormScheme("deepnorm", "DeepNorm: Post-LN with the residual scaled by (2N)^(1/4) and the value, output and "
+               "MLP weights initialized scaled by (8N)^(-1/4)", post_norm="all", deepnorm=True, final_norm=False),
+    NormScheme("dyt", "Dynamic Tanh: every norm, final included, replaced by gamma * tanh(alpha x) + beta",
+               tanh=True),
+)}
+
+
+def norm_scheme(name: str, where: str = "norm_scheme") -> NormScheme:
+    """The registered scheme ``name``; anything else is refused naming the choices."""
+    if name not in NORM_SCHEMES:
+        raise ValueError(f"{where}={name!r}; choose one of {tuple(NORM_SCHEMES)}")
+    return NORM_SCHEMES[name]

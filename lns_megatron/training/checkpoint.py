@@ -30,7 +30,9 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (FullyPar
 
 from lns_megatron.config import ConfigError, PretrainConfig
 from lns_megatron.data import datasets, metadata
-from lns_megatron.models.gpt import build_gpt_model, transformer_config, unwrap
+from lns_megatron.models.build import load_as_gpt
+from lns_megatron.schemes import NORM_SCHEMES
+from lns_megatron.models.gpt import unwrap
 from lns_megatron.training import distributed
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -100,11 +102,15 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def content_metadata(use_distributed_optimizer: bool, fully_reshardable: bool) -> dict:
+def content_metadata(use_distributed_optimizer: bool, fully_reshardable: bool,
+                     non_homogeneous_layers: bool = False) -> dict:
     """What shapes the sharded state dict, saved in the checkpoint and read back on load (Megatron-LM's
     ``_build_sharded_state_dict_metadata``). megatron-core's default distributed-optimizer layout
-    (``fully_sharded_model_space``) cannot be saved with torch_dist, so it is never used."""
+    (``fully_sharded_model_space``) cannot be saved with torch_dist, so it is never used. Layers that
+    differ (Mix-LN's Post-LN and Pre-LN ones) are saved one key per layer instead of stacked."""
     metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    if non_homogeneous_layers:
+        metadata["non_homogeneous_layers"] = True
     if use_distributed_optimizer:
         metadata["distrib_optim_sharding_type"] = "fully_reshardable" if fully_reshardable else "dp_reshardable"
     return metadata
@@ -159,11 +165,10 @@ def _sharded_state(model: List, optimizer, is_loading: bool, metadata: dict) -> 
     if optimizer is not None:
         if is_loading:
             _initialize_optimizer_state(optimizer)
-        model_state = {}
-        for chunk_state in state.values():
-            model_state.update(chunk_state)
         group_metadata = dict(metadata, dp_cp_group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=group_metadata)
+        # The chunks nested, as Megatron-LM passes them: their layers' dict keys are chunk-local, so merged
+        # into one dict the chunks of a virtual pipeline would overwrite each other.
+        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading, metadata=group_metadata)
     pp, tp = parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_world_size()
     state["rng_state"] = ShardedObject(
         "rng_state", _rng_state(), (pp, tp),
@@ -183,7 +188,8 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: Lis
         shutil.rmtree(partial, ignore_errors=True)  # debris of an interrupted save
         os.makedirs(partial)
     dist.barrier()
-    metadata = content_metadata(config.use_distributed_optimizer, config.dist_ckpt_optim_fully_reshardable)
+    metadata = content_metadata(config.use_distributed_optimizer, config.dist_ckpt_optim_fully_reshardable,
+                                non_homogeneous_layers=NORM_SCHEMES[config.norm_scheme].post_norm == "first")
     state = _sharded_state(model, optimizer, is_loading=False, metadata=metadata)
     state.update(iteration=iteration, consumed_samples=consumed_samples,
                  opt_param_scheduler=scheduler.state_dict() if scheduler is not None else None)
@@ -317,15 +323,12 @@ def load_model(root: str, tokenizer_model: Optional[str] = None, tokenizer_type:
         num_layers_per_virtual_pipeline_stage=None, sequence_parallel=False, fp8_format=None,
         transformer_impl="local", world_size=1,
     )
-    model = build_gpt_model(
-        transformer_config(single), vocab_size=padded, max_sequence_length=single.max_position_embeddings,
-        norm_scheme=single.norm_scheme, transformer_impl="local",
-        position_embedding_type=single.position_embedding_type,
-        share_embeddings_and_output_weights=not single.untie_embeddings_and_output_weights,
-        qk_layernorm=single.qk_layernorm,
-    )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    load_checkpoint(root, [model], load_rng=False)
+
+    def load(model):
+        model.to(device)
+        load_checkpoint(root, [model], load_rng=False)
+
+    model = load_as_gpt(single, padded, load)
     model.eval()
     return LoadedModel(model, config, directory, iteration, tokenizer, tokenizer.vocab_size)

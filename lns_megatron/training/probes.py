@@ -1,11 +1,12 @@
 """Depth health: is each layer still doing work, or drifting toward identity?
 
-Per layer l (1-based, global): the variance of the residual stream it outputs, the gradient
-norm of its parameters, and the angular distance arccos(cos(h_{l-1}, h_l))/pi between its
-input and output hidden states, averaged over tokens (Gromov et al.; the curse-of-depth
-paper). Under Pre-LN the variance grows with depth and deep layers' angular distance falls
-toward 0; LNS holds the variance down. Works for every TP/PP/VPP layout: statistics are
-reduced over TP (sequence-parallel shards), the distributed-optimizer shards and PP stages.
+Per transformer layer l (1-based, global; on a HybridModel, its attention and MLP layers together):
+the variance of the residual stream it outputs, the gradient norm of its parameters, and the angular
+distance arccos(cos(h_{l-1}, h_l))/pi between its input and output hidden states, averaged over
+tokens (Gromov et al.; the curse-of-depth paper). Under Pre-LN the variance grows with depth and
+deep layers' angular distance falls toward 0; LNS holds the variance down. Works for every TP/PP/VPP
+layout: statistics are reduced over TP (sequence-parallel shards), the distributed-optimizer shards
+and PP stages.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from lns_megatron.models.gpt import unwrap
+from lns_megatron.models.hybrid import layers_per_transformer_layer
 
 STATS = ("sum", "sumsq", "count", "angle", "tokens")
 
@@ -49,11 +51,19 @@ def hidden_state_stats(model: List, batch: dict, forward_step, num_layers: int, 
                        sequence_parallel: bool) -> Dict[str, List[float]]:
     """Residual-stream variance and input/output angular distance of every layer on ``batch``."""
     acc = torch.zeros(len(STATS), num_layers, dtype=torch.float64, device=_device(model))
+    per_layer = _layers_per_transformer_layer(model)
+    attention_inputs = {}  # HybridModel: transformer layer l runs from its attention layer's input
 
     def hook(layer, args, kwargs, output):
-        x, y = layer_input(args, kwargs).double(), layer_output(output).double()
+        x = layer_input(args, kwargs)
+        if layer.layer_number % per_layer:  # a hybrid attention layer: its MLP layer completes layer l
+            attention_inputs[layer.layer_number] = x
+            return
+        if per_layer > 1:
+            x = attention_inputs.pop(layer.layer_number - 1)
+        x, y = x.double(), layer_output(output).double()
         angle = angular_distance(x, y)
-        acc[:, layer.layer_number - 1] += torch.stack([
+        acc[:, layer.layer_number // per_layer - 1] += torch.stack([
             y.sum(), y.square().sum(), torch.tensor(float(y.numel()), device=y.device),
             angle.sum(), torch.tensor(float(angle.numel()), device=y.device)])
 
@@ -84,6 +94,7 @@ def layer_grad_norms(model: List, optimizer, num_layers: int) -> List[float]:
     owned = _distributed_optimizer_ranges(optimizer)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     sq = torch.zeros(num_layers, dtype=torch.float64, device=_device(model))
+    per_layer = _layers_per_transformer_layer(model)
     for layer in _layers(model):
         for p in layer.parameters():
             grad = getattr(p, "main_grad", None)
@@ -94,7 +105,7 @@ def layer_grad_norms(model: List, optimizer, num_layers: int) -> List[float]:
                 if r is None:
                     continue
                 grad = grad.view(-1)[r.start:r.end]
-            sq[layer.layer_number - 1] += grad.double().square().sum()
+            sq[(layer.layer_number - 1) // per_layer] += grad.double().square().sum()
     dist.all_reduce(sq, group=parallel_state.get_tensor_model_parallel_group())
     if owned is not None:  # each data-parallel rank holds a shard of the reduced gradients
         dist.all_reduce(sq, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
@@ -114,6 +125,10 @@ def _distributed_optimizer_ranges(optimizer):
         for p in opt.model_param_gbuf_map:
             ranges[p] = opt._get_model_param_range_map(p)["param"]
     return ranges
+
+
+def _layers_per_transformer_layer(model: List) -> int:
+    return layers_per_transformer_layer(unwrap(model[0]))
 
 
 def _device(model):

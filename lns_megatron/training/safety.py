@@ -36,7 +36,7 @@ from lns_megatron.data import metadata
 ARCHITECTURE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                 "max_position_embeddings", "normalization", "norm_epsilon", "apply_layernorm_1p", "qk_layernorm",
                 "swiglu", "disable_bias_linear", "position_embedding_type", "rotary_base",
-                "untie_embeddings_and_output_weights", "norm_scheme")
+                "untie_embeddings_and_output_weights", "norm_scheme", "mix_ln_alpha", "hybrid_layer_pattern")
 TOKENIZER = ("tokenizer_type",)  # and the tokenizer's identity: its id -> token table, vocabulary and EOD
 # What a resume may change on purpose (another data blend for annealing, a longer context): said, not refused.
 DATA = ("data_path", "split", "mock_data", "seq_length", "global_batch_size")

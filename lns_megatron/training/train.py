@@ -1,6 +1,6 @@
 """The pretraining loop, built from megatron-core's parts.
 
-parallel_state -> GPTModel (LNS spec) -> Float16Module (bf16) -> DDP -> distributed optimizer
+parallel_state -> GPTModel or HybridModel (LNS spec) -> Float16Module (bf16) -> DDP -> distributed optimizer
 -> OptimizerParamScheduler -> get_forward_backward_func (no pipelining, 1F1B or interleaved)
 -> finalize_model_grads, with dist_checkpointing checkpoints. Mirrors Megatron-LM's
 ``pretrain_gpt.py`` without its ``megatron.training`` package, which megatron-core does not ship.
@@ -25,7 +25,8 @@ from megatron.core.transformer.module import Float16Module
 
 from lns_megatron.config import PretrainConfig, validate
 from lns_megatron.data import datasets, metadata
-from lns_megatron.models.gpt import build_gpt_model, transformer_config
+from lns_megatron.models.build import build_model_chunk, hybrid_pattern
+from lns_megatron.models.gpt import transformer_config
 from lns_megatron.schemes.lns import HAVE_TE
 from lns_megatron.training import checkpoint, distributed, probes, safety
 from lns_megatron.training.safety import NonFiniteError
@@ -37,13 +38,7 @@ def build_model(c: PretrainConfig, vocab_size: int) -> List[torch.nn.Module]:
     vpp = c.virtual_pipeline_model_parallel_size
     model = []
     for vp_stage in range(vpp or 1):
-        chunk = build_gpt_model(
-            config, vocab_size=vocab_size, max_sequence_length=c.max_position_embeddings,
-            norm_scheme=c.norm_scheme, transformer_impl=c.transformer_impl,
-            position_embedding_type=c.position_embedding_type,
-            share_embeddings_and_output_weights=not c.untie_embeddings_and_output_weights,
-            qk_layernorm=c.qk_layernorm, vp_stage=vp_stage if vpp else None,
-        )
+        chunk = build_model_chunk(c, config, vocab_size, vp_stage if vpp else None)
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
         if c.bf16:
@@ -157,6 +152,7 @@ def prepare_resume(c: PretrainConfig):
         if taken and int(os.environ.get("RANK", "0")) == 0:
             print(f"lns-pretrain: --use-checkpoint-args: {', '.join(taken)} (from {directory})", flush=True)
     validate(c, torch.cuda.is_available(), HAVE_TE)
+    hybrid_pattern(c)  # refuses a pattern that does not fit --num-layers and the pipeline layout
     if c.load is not None:
         directory, _ = checkpoint.latest_checkpoint(c.load)
         saved = checkpoint.saved_config(directory)
@@ -219,7 +215,8 @@ def _train(c: PretrainConfig, tokenizer, resume_from, notices) -> dict:
 
     logger = MetricsLogger(c, vocab)
     if logger.is_writer:
-        print(f"lns-pretrain: {c.norm_scheme} | {c.num_layers} layers x {c.hidden_size} | TP={c.tensor_model_parallel_size} "
+        kind = f"HybridModel {c.hybrid_layer_pattern!r}" if c.hybrid_layer_pattern else "GPTModel"
+        print(f"lns-pretrain: {c.norm_scheme} | {kind} | {c.num_layers} layers x {c.hidden_size} | TP={c.tensor_model_parallel_size} "
               f"PP={c.pipeline_model_parallel_size} VPP={c.virtual_pipeline_model_parallel_size} DP={c.data_parallel_size} | "
               f"{c.num_microbatches} micro-batches of {c.micro_batch_size} | vocab {tokenizer.vocab_size} (padded {vocab})",
               flush=True)

@@ -26,11 +26,16 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from lns_megatron.training import distributed
 from lns_megatron.models.gpt import build_gpt_model, tiny_config
+from lns_megatron.schemes import NORM_SCHEMES
+from lns_megatron.schemes.lns import LNSNorm
+from lns_megatron.schemes.post import PostNormTransformerLayer, mix_ln_post_layers
+from lns_megatron.schemes.tanh import DyT
 
 VOCAB, SEQ, MBS, MICROBATCHES = 96, 16, 2, 4
+MIX_LN_ALPHA = 0.25
 
 
-def build(num_layers, sequence_parallel=False):
+def build(num_layers, sequence_parallel=False, norm_scheme="lns"):
     config = tiny_config(
         num_layers=num_layers, num_query_groups=2,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
@@ -41,15 +46,16 @@ def build(num_layers, sequence_parallel=False):
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     chunks = []
     for vp_stage in range(vpp or 1):
-        model = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ,
-                                vp_stage=vp_stage if vpp else None)
+        model = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ, norm_scheme=norm_scheme,
+                                mix_ln_alpha=MIX_LN_ALPHA, vp_stage=vp_stage if vpp else None)
         chunks.append(DistributedDataParallel(config, DistributedDataParallelConfig(), model))
     config.finalize_model_grads_func = finalize_model_grads
     return config, chunks
 
 
 def sharded(chunks):
-    return {f"model{i}": c.module.sharded_state_dict() for i, c in enumerate(chunks)}
+    metadata = {"non_homogeneous_layers": True}  # Mix-LN's layers differ: one key per layer
+    return {f"model{i}": c.module.sharded_state_dict(metadata=metadata) for i, c in enumerate(chunks)}
 
 
 def batches():
@@ -108,16 +114,18 @@ def main():
     ap.add_argument("--vpp", type=int, default=None)
     ap.add_argument("--sequence-parallel", action="store_true")
     ap.add_argument("--num-layers", type=int, default=4)
+    ap.add_argument("--norm-scheme", default="lns")
     ap.add_argument("--dir", required=True)
     args = ap.parse_args()
+    scheme = NORM_SCHEMES[args.norm_scheme]
     weights, grads = os.path.join(args.dir, "weights"), os.path.join(args.dir, "grads")
 
     distributed.initialize(1, 1, seed=11)
-    _, ref = build(args.num_layers)
+    _, ref = build(args.num_layers, norm_scheme=args.norm_scheme)
     torch.manual_seed(5)
     with torch.no_grad():  # non-unit norm weights, identical on every rank
         for n, p in ref[0].module.named_parameters():
-            if "layernorm" in n:
+            if "norm" in n:  # input norms, Peri-LN output norms, the final norm
                 p.copy_(1.0 + 0.5 * torch.randn(p.shape))
     if dist.get_rank() == 0:
         os.makedirs(weights)
@@ -128,7 +136,7 @@ def main():
     parallel_state.destroy_model_parallel()
 
     distributed.initialize(args.tp, args.pp, args.vpp, seed=11)
-    _, chunks = build(args.num_layers, args.sequence_parallel)
+    _, chunks = build(args.num_layers, args.sequence_parallel, args.norm_scheme)
     state = dist_checkpointing.load(sharded(chunks), weights)
     for i, c in enumerate(chunks):
         c.module.load_state_dict(state[f"model{i}"])
@@ -139,9 +147,15 @@ def main():
         got = [l.layer_number for l in layers]
         assert got == expected, f"rank {dist.get_rank()} chunk {vp_stage}: layers {got} != {expected}"
         for l, g in zip(layers, expected):
-            assert l.input_layernorm.lns_scale == 1 / math.sqrt(g) == l.pre_mlp_layernorm.lns_scale
+            norms = [m for m in l.modules() if isinstance(m, (LNSNorm, DyT))]  # input, output and post norms
+            if scheme.lns:
+                assert l.input_layernorm.lns_scale == 1 / math.sqrt(g) == l.pre_mlp_layernorm.lns_scale
+            if scheme.post_norm:  # Mix-LN: Post-LN up to floor(alpha N), by the global number
+                post = g <= (mix_ln_post_layers(args.num_layers, MIX_LN_ALPHA) if scheme.post_norm == "first"
+                             else args.num_layers)
+                assert isinstance(l, PostNormTransformerLayer) == post, (g, type(l))
             if args.sequence_parallel:
-                assert l.input_layernorm.weight.sequence_parallel and l.pre_mlp_layernorm.weight.sequence_parallel
+                assert norms and all(n.weight.sequence_parallel for n in norms)
         print(f"rank {dist.get_rank()} pp_rank {pp_rank} chunk {vp_stage}: layers {got}", flush=True)
     loss = run_step(chunks)
     assert math.isclose(loss, ref_loss, rel_tol=1e-5), f"loss {loss} != TP=PP=1 loss {ref_loss}"
@@ -153,7 +167,7 @@ def main():
     parallel_state.destroy_model_parallel()
 
     distributed.initialize(1, 1, seed=11)
-    _, back = build(args.num_layers)
+    _, back = build(args.num_layers, norm_scheme=args.norm_scheme)
     back[0].module.load_state_dict(dist_checkpointing.load(sharded(back), grads)["model0"])
     for n, p in back[0].module.named_parameters():
         torch.testing.assert_close(p.detach(), ref_grads[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")

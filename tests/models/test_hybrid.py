@@ -40,18 +40,20 @@ def logits(model, tokens):
     return model(tokens, positions, mask)
 
 
-def test_hybrid_lns_equals_gpt_lns_on_the_same_weights(megatron_tp1):
+@pytest.mark.parametrize("scheme", ["lns", "peri-lns"])
+def test_hybrid_lns_equals_gpt_lns_on_the_same_weights(megatron_tp1, scheme):
     if not hybrid_available():
         return
     pattern = "*-" * PAIRS
     torch.manual_seed(0)
     config = tiny_config(num_layers=PAIRS)
-    gpt = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ)
+    gpt = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ, norm_scheme=scheme)
     with torch.no_grad():
         for name, p in gpt.named_parameters():
             if "norm" in name:
                 p.copy_(1.0 + 0.5 * torch.randn_like(p))
-    hybrid = build_hybrid_lns_model(dataclasses.replace(config, num_layers=2 * PAIRS), VOCAB, SEQ, pattern)
+    hybrid = build_hybrid_lns_model(dataclasses.replace(config, num_layers=2 * PAIRS), VOCAB, SEQ, pattern,
+                                    norm_scheme=scheme)
     gpt_state = {k: v for k, v in gpt.state_dict().items() if not k.endswith("_extra_state")}
     hybrid_keys = {k for k in hybrid.state_dict() if not k.endswith("_extra_state")}
     assert {hybrid_name(k) for k in gpt_state} == hybrid_keys  # the same network, parameter for parameter
@@ -89,6 +91,22 @@ def test_patterns_lns_cannot_map_are_refused(megatron_tp1):
                     position_embedding_type="rope")
 
 
+def test_megatron_lm_spec_attribute(megatron_tp1):
+    """Megatron-LM's `pretrain_hybrid.py --spec lns_megatron.specs lns_hybrid_stack_spec` does
+    vars(import_module(M))[NAME] and hands it to megatron's own HybridModel."""
+    import importlib
+
+    specs = vars(importlib.import_module("lns_megatron.specs"))
+    if not hybrid_available():
+        assert "lns_hybrid_stack_spec" not in specs
+        return
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    model = HybridModel(tiny_config(num_layers=4), specs["lns_hybrid_stack_spec"], VOCAB, SEQ,
+                        hybrid_layer_pattern="*-*-", position_embedding_type="rope")
+    assert [layer.lns_scale for layer in model.decoder.layers] == pytest.approx([1.0, 1.0, 2 ** -0.5, 2 ** -0.5])
+
+
 def test_depth_comes_from_the_global_layer_number(megatron_tp1):
     """A later pipeline stage's layers carry megatron's global numbers (offset included): hybrid layers
     5 and 6 are transformer layer 3; an attention layer at an even position is refused."""
@@ -106,3 +124,72 @@ def test_depth_comes_from_the_global_layer_number(megatron_tp1):
         LNSHybridLayer(config, spec.attention_layer.submodules, layer_number=6)
     with pytest.raises(ValueError, match="an MLP layer at position 5"):
         LNSHybridLayer(config, spec.mlp_layer.submodules, layer_number=5)
+
+
+# The driver with --hybrid-layer-pattern: the same network as its GPTModel, at every layout.
+DRIVER = ["--preset", "tiny", "--seq-length", "32", "--max-position-embeddings", "32", "--mock-data", "--vocab-size",
+          "200", "--num-workers", "0", "--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", "4",
+          "--lr", "3e-3", "--log-interval", "1", "--eval-interval", "1000", "--eval-iters", "1",
+          "--depth-log-interval", "2", "--save-interval", "2", "--output-layer-init", "scaled"]  # scaled: std/sqrt(2L), L transformer layers
+HYBRID = ["--hybrid-layer-pattern", "*-*-*-*-"]
+DEPTH = [f"depth/{m}/layer_{l:03d}" for m in ("variance", "angular-distance", "grad-norm") for l in range(1, 5)]
+
+
+def driver_run(tmp_path, name, *flags, nproc=1):
+    from driver import logged_losses, read_tensorboard, run_driver
+
+    _, out = run_driver(*DRIVER, *flags, "--tensorboard-dir", tmp_path / name / "tb", "--save", tmp_path / name / "ckpt",
+                        nproc=nproc)
+    scalars = read_tensorboard(tmp_path / name / "tb")
+    return logged_losses(out), {tag: scalars[tag] for tag in DEPTH}, out
+
+
+def test_driver_trains_the_gpt_network_as_hybrid_model(tmp_path):
+    """The same seed gives the same losses, depth scalars and exported weights as GPTModel; resumed from its
+    checkpoint at PP=2 x VPP=2 and at TP=2 with sequence parallelism, the single process's losses and scalars."""
+    from driver import driver_error
+
+    if not HAVE_HYBRID:
+        error = driver_error(*DRIVER, *HYBRID, "--save", tmp_path / "ckpt")
+        assert "--hybrid-layer-pattern: HybridModel is in megatron-core 0.19 and later" in error, error
+        return
+    from safetensors.torch import load_file
+
+    from lns_megatron.hf.export import main as export
+
+    gpt_losses, gpt_depth, _ = driver_run(tmp_path, "gpt")
+    losses, depth, out = driver_run(tmp_path, "hybrid", *HYBRID)
+    assert "HybridModel" in out
+    assert sorted(losses) == [1, 2, 3, 4] and losses == pytest.approx(gpt_losses, rel=1e-6, abs=0)
+    for tag in DEPTH:
+        assert depth[tag] == pytest.approx(gpt_depth[tag], rel=1e-6, abs=1e-12), tag
+
+    for name in ("gpt", "hybrid"):  # a HybridModel checkpoint loads as the GPTModel of the same network
+        assert export(["--load", str(tmp_path / name / "ckpt"), "--output", str(tmp_path / name / "hf")]) == 0
+    exported = [load_file(str(tmp_path / name / "hf" / "model.safetensors")) for name in ("gpt", "hybrid")]
+    assert exported[0].keys() == exported[1].keys()
+    for key in exported[0]:
+        torch.testing.assert_close(exported[1][key], exported[0][key], rtol=1e-6, atol=1e-7)
+
+    # Other layouts, from the same weights and optimizer state (resharded from iteration 2).
+    for name, layout in [("pp2-vpp2", ["--pipeline-model-parallel-size", "2",
+                                       "--num-layers-per-virtual-pipeline-stage", "1"]),
+                         ("tp2-sp", ["--tensor-model-parallel-size", "2", "--sequence-parallel"])]:
+        got, got_depth, _ = driver_run(tmp_path, name, *HYBRID, *layout, "--load",
+                                       tmp_path / "hybrid" / "ckpt" / "iter_0000002", nproc=2)
+        assert sorted(got) == [3, 4] and got == pytest.approx({i: losses[i] for i in got}, rel=1e-5), name
+        for tag in DEPTH:  # logged at iteration 4
+            assert got_depth[tag][-1] == pytest.approx(depth[tag][-1], rel=1e-4, abs=1e-9), (name, tag)
+
+
+def test_driver_refuses_patterns_it_cannot_lay_out():
+    from lns_megatron.models.hybrid import layout_pattern
+
+    assert layout_pattern("*-*-*-*-", 4, 1) == "*-*-*-*-"
+    assert layout_pattern("*-*-*-*-", 4, 4) == "*-|*-|*-|*-"
+    for pattern, message in [("*-*-", "has 2 attention\\+MLP pairs but --num-layers is 4; give '\\*-\\*-\\*-\\*-'"),
+                             ("*-|*-*-*-", "give it without '\\|' or '/'"),
+                             ("*-*-*-*-/*-", "give it without '\\|' or '/'"),
+                             ("M-*-*-*-", "must alternate attention and MLP")]:
+        with pytest.raises(ValueError, match="--hybrid-layer-pattern .*" + message):
+            layout_pattern(pattern, 4, 2)

@@ -88,3 +88,39 @@ def test_fp8_forward_backward_runs_with_lns(megatron_tp1):
     assert torch.isfinite(loss)
     qkv = model.decoder.layers[-1].self_attention.linear_qkv
     assert qkv.lns_scale == 0.5 and torch.isfinite(qkv.layer_norm_weight.grad).all()
+
+
+def test_hybrid_te_spec_equals_gpt_te(megatron_tp1):
+    """HybridModel with the Transformer Engine LNS stack spec: the fused norms carry 1/sqrt(l) per attention+MLP
+    pair, and the logits equal GPTModel's with the TE LNS spec on the same weights. Before megatron-core 0.19
+    the builder refuses, naming the version."""
+    from lns_megatron.models.gpt import build_gpt_model, tiny_config
+    from lns_megatron.models.hybrid import HAVE_HYBRID, build_hybrid_lns_model, gpt_key
+
+    config = tiny_config()
+    pattern = "*-" * config.num_layers
+    hybrid_config = tiny_config(num_layers=2 * config.num_layers)
+    if not HAVE_HYBRID:
+        with pytest.raises(ImportError, match="HybridModel is in megatron-core 0.19"):
+            build_hybrid_lns_model(hybrid_config, VOCAB, SEQ, pattern, transformer_impl="transformer_engine")
+        return
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    gpt = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ, transformer_impl="transformer_engine").cuda()
+    with torch.no_grad():
+        for name, p in gpt.named_parameters():
+            if "layer_norm" in name:
+                p.copy_(1.0 + 0.5 * torch.randn_like(p))
+    hybrid = build_hybrid_lns_model(hybrid_config, VOCAB, SEQ, pattern, transformer_impl="transformer_engine").cuda()
+    gpt_state = gpt.state_dict()
+    weights = {k: gpt_state[gpt_key(k)] for k in hybrid.state_dict() if not k.endswith("_extra_state")}
+    missing, unexpected = hybrid.load_state_dict(weights, strict=False)
+    assert not [m for m in missing if not m.endswith("_extra_state")] and not unexpected
+    for i, layer in enumerate(hybrid.decoder.layers):
+        carrier = layer.self_attention.linear_qkv if i % 2 == 0 else layer.mlp.linear_fc1
+        assert carrier.lns_scale == pytest.approx(1 / math.sqrt(i // 2 + 1))
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    positions = torch.arange(SEQ, device="cuda").expand(BATCH, SEQ)
+    with torch.no_grad():
+        mask = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool, device="cuda"), 1)
+        torch.testing.assert_close(hybrid(tokens, positions, mask), gpt(tokens, positions, mask), rtol=1e-4, atol=1e-4)

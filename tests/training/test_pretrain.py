@@ -123,9 +123,12 @@ def test_bad_input_is_one_line_without_traceback():
     (["--distributed-timeout-minutes", "0", *MOCK], "--distributed-timeout-minutes 0.0: must be greater than 0"),
     (["--lr-warmup-iters", "5", "--train-iters", "5", *MOCK], "--lr-warmup-iters 5 must be smaller than the decay length 5"),
     (["--finetune", *MOCK], "--finetune needs --load DIR"),
+    (["--norm-scheme", "mix", "--mix-ln-alpha", "1.5", *MOCK], "--mix-ln-alpha 1.5: must be at most 1"),
+    (["--norm-scheme", "post", "--hybrid-layer-pattern", "*-*-*-*-", *MOCK],
+     "--hybrid-layer-pattern with --norm-scheme post: the norms after the residual add are built for GPTModel's"),
 ], ids=["heads-tp", "layers-pp", "batch", "seq-positions", "no-data", "missing-data", "missing-load", "seq-zero",
         "negative-batch", "zero-iters", "negative-lr", "nan-lr", "beta2", "eval-interval", "save-interval", "timeout",
-        "warmup", "finetune-without-load"])
+        "warmup", "finetune-without-load", "mix-alpha", "hybrid-post"])
 def test_bad_input_message(args, expected):
     assert expected in config_error("--preset", "tiny", *args)
 

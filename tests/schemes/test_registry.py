@@ -1,0 +1,68 @@
+"""The norm-scheme registry (lns_megatron.schemes) behind --norm-scheme: every scheme through the driver."""
+
+import contextlib
+import io
+import json
+import math
+
+import pytest
+
+from lns_megatron.config import ConfigError, PretrainConfig, parse_args
+from lns_megatron.schemes import NORM_SCHEMES
+from lns_megatron.training.train import prepare_resume
+
+MOCK = ["--preset", "tiny", "--mock-data", "--vocab-size", "100", "--num-workers", "0"]
+
+
+def test_the_flag_offers_exactly_the_registry():
+    assert PretrainConfig.__dataclass_fields__["norm_scheme"].metadata["choices"] == list(NORM_SCHEMES)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--norm-scheme", "dyt", "--transformer-impl", "transformer_engine"],
+     "--norm-scheme dyt with --transformer-impl transformer_engine: Transformer Engine fuses LayerNorm and RMSNorm"),
+    (["--norm-scheme", "dyt", "--qk-layernorm"], "--norm-scheme dyt replaces every norm"),
+    (["--norm-scheme", "dyt", "--dyt-alpha-init", "0"], "--dyt-alpha-init 0.0: must be greater than 0"),
+])
+def test_refusals_before_anything_starts(args, expected):
+    with pytest.raises(ConfigError) as error:
+        prepare_resume(parse_args([*MOCK, *args]))
+    assert expected in str(error.value)
+
+
+@pytest.mark.parametrize("scheme", ["peri-lns", "mix", "deepnorm", "dyt"])
+def test_driver_trains_resumes_reports_and_refuses_export(tmp_path, scheme):
+    """Through the driver: learns, writes the depth scalars, resumes exactly (Mix-LN's checkpoint holds one key
+    per layer, its layers differ), the depth report reads it (Post-LN and DeepNorm have no final norm for the
+    logit lens), and the Llama export refuses it in one line naming the scheme."""
+    from driver import logged_losses, read_tensorboard, run_driver
+    from lns_megatron.diagnostics.report import main as report
+    from lns_megatron.hf.export import main as export
+
+    flags = ["--preset", "tiny", "--norm-scheme", scheme, "--mix-ln-alpha", "0.5", "--seq-length", "32",
+             "--max-position-embeddings", "32", "--mock-data", "--vocab-size", "200", "--num-workers", "0",
+             "--micro-batch-size", "4", "--train-iters", "4", "--lr", "3e-3", "--log-interval", "1",
+             "--eval-interval", "1000", "--eval-iters", "1"]
+    _, out = run_driver(*flags, "--save", tmp_path / "ckpt", "--save-interval", "2", "--depth-log-interval", "2",
+                        "--tensorboard-dir", tmp_path / "tb")
+    whole = logged_losses(out)
+    assert f"lns-pretrain: {scheme} |" in out and sorted(whole) == [1, 2, 3, 4] and whole[4] < whole[1], whole
+    scalars = read_tensorboard(tmp_path / "tb")
+    for metric in ("variance", "angular-distance", "grad-norm"):
+        values = [scalars[f"depth/{metric}/layer_{l:03d}"][-1] for l in range(1, 5)]
+        assert all(math.isfinite(v) and v > 0 for v in values), (metric, values)
+    _, out = run_driver(*flags, "--load", tmp_path / "ckpt" / "iter_0000002", "--save", tmp_path / "resumed")
+    resumed = logged_losses(out)
+    assert sorted(resumed) == [3, 4] and all(resumed[i] == whole[i] for i in resumed), (resumed, whole)
+
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = report(["--load", str(tmp_path / "ckpt"), "--mock-data", "--num-samples", "2",
+                       "--output", str(tmp_path / "report")])
+    assert code == 0, err.getvalue()
+    assert json.load(open(tmp_path / "report" / "report.json"))["runs"][0]["norm_scheme"] == scheme
+    with contextlib.redirect_stderr(err := io.StringIO()):
+        code = export(["--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")])
+    lines = err.getvalue().strip().splitlines()
+    assert code != 0 and len(lines) == 1 and f"--norm-scheme {scheme}" in lines[0], lines
+    assert not (tmp_path / "hf").exists()
