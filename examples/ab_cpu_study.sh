@@ -4,6 +4,7 @@
 #
 #   apt-get install python3.11-doc && python examples/prepare_docs_corpus.py --output data/pydocs
 #   bash examples/ab_cpu_study.sh            # 8 runs x about 6 minutes (2 cores); results in runs/ab_cpu/summary
+#   SCHEMES="pre lns peri peri-lns post mix deepnorm dyt" bash examples/ab_cpu_study.sh   # every scheme
 #
 # The model (12 layers x 128, SwiGLU, RoPE, untied embeddings, 4.5M parameters) and the budget (400
 # iterations of 16 x 128 tokens, 0.8M tokens, under one epoch of the corpus) are what this machine trains in
@@ -13,8 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export DATA_PATH=${DATA_PATH:-data/pydocs/docs_text_document} TOKENIZER_MODEL=${TOKENIZER_MODEL:-data/pydocs/tokenizer.json}
 export AB_DIR=${AB_DIR:-runs/ab_cpu} RECIPE=paper PRESET=tiny MICRO_BATCH_SIZE=16 GLOBAL_BATCH_SIZE=16 TRAIN_ITERS=${TRAIN_ITERS:-400}
-export ARMS=${ARMS:-pre:scaled pre:plain lns:plain lns:scaled} SEEDS=${SEEDS:-1234 1235} NUM_SAMPLES=${NUM_SAMPLES:-64}
+export SCHEMES=${SCHEMES:-pre lns} SEEDS=${SEEDS:-1234 1235} NUM_SAMPLES=${NUM_SAMPLES:-64}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-bash examples/ab_pre_vs_lns.sh --num-layers 12 --hidden-size 128 --num-attention-heads 4 --ffn-hidden-size 352 \
+bash examples/ab_norm_schemes.sh --num-layers 12 --hidden-size 128 --num-attention-heads 4 --ffn-hidden-size 352 \
     --seq-length 128 --max-position-embeddings 128 --log-interval 50 --eval-interval 100 --eval-iters 10 \
     --depth-log-interval 100 --num-workers 1 "$@"

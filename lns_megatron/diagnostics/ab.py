@@ -1,10 +1,10 @@
 """The summary of a norm-scheme comparison: several arms, several seeds, one table.
 
-``examples/ab_pre_vs_lns.sh`` trains each arm (a norm scheme and an output-layer init) with several
-seeds into ``AB_DIR/ARM/seedS``; this reads them back and writes ``AB_DIR/summary/`` (``summary.md``,
-``summary.json`` and plots). Before any number is read it checks that the runs differ in the arm's
-flags and the seed alone, from their saved ``pretrain_config.json`` -- otherwise the comparison is
-not one, and it says which flag differs where.
+``examples/ab_norm_schemes.sh`` (or ``ab_pre_vs_lns.sh``) trains each arm (a norm scheme and an
+output-layer init) with several seeds into ``AB_DIR/ARM/seedS``; this reads them back and writes
+``AB_DIR/summary/`` (``summary.md``, ``summary.json`` and plots). Before any number is read it checks
+that the runs differ in the arm's flags and the seed alone, from their saved ``pretrain_config.json``
+-- otherwise the comparison is not one, and it says which flag differs where.
 
 Per run: the driver's last validation loss (TensorBoard ``lm loss validation``) and, on one shared set
 of held-out windows (the depth report's seeded random draw), the loss and the depth metrics. Per arm:
@@ -45,7 +45,7 @@ def find_runs(root: str) -> Dict[str, Dict[int, str]]:
             if name.startswith("seed") and os.path.isdir(os.path.join(path, "ckpt")):
                 runs.setdefault(arm, {})[int(name[4:])] = path
     if not runs:
-        raise ComparisonError(f"{root}: no runs (ARM/seedS/ckpt directories); run examples/ab_pre_vs_lns.sh first")
+        raise ComparisonError(f"{root}: no runs (ARM/seedS/ckpt directories); run examples/ab_norm_schemes.sh first")
     return runs
 
 
@@ -254,7 +254,7 @@ def write(summary: dict, output: str) -> str:
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     p = argparse.ArgumentParser(prog="ab_summary", description=__doc__.splitlines()[0])
-    p.add_argument("--runs", required=True, help="AB_DIR of examples/ab_pre_vs_lns.sh (ARM/seedS/{ckpt,tb})")
+    p.add_argument("--runs", required=True, help="AB_DIR of examples/ab_norm_schemes.sh (ARM/seedS/{ckpt,tb})")
     p.add_argument("--output", help="summary directory (default: RUNS/summary)")
     p.add_argument("--num-samples", type=int, default=32, help="held-out windows for the depth metrics")
     p.add_argument("--seed", type=int, default=4321, help="seed of the windows' random draw")

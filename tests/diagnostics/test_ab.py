@@ -56,3 +56,19 @@ def test_runs_that_differ_in_more_than_the_arm_are_refused(ab_runs, tmp_path):
     json.dump(config, open(path, "w"))
     with pytest.raises(ab.ComparisonError, match="lns-plain/seed2 differs from .* --lr is 0.5 there"):
         ab.summarize(str(tmp_path / "ab"), num_samples=2)
+
+
+def test_every_scheme_under_one_script(tmp_path):
+    """examples/ab_norm_schemes.sh: SCHEMES x INITS arms, with megatron-core's Pre-LN (pre:scaled) always one
+    of them, through the real launcher and driver, summarized against it."""
+    env = dict(os.environ, AB_DIR=str(tmp_path), SCHEMES="peri-lns dyt", INITS="plain", SEEDS="1", NUM_SAMPLES="2",
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_PORT=str(free_port()), TRAIN_ITERS="2",
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "ab_norm_schemes.sh"), "--seq-length", "32",
+                           "--max-position-embeddings", "32", "--eval-interval", "2", "--log-interval", "2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    summary = json.load(open(tmp_path / "summary" / "summary.json"))
+    assert sorted(summary["arms"]) == ["dyt-plain", "peri-lns-plain", "pre-scaled"]
+    assert summary["arms"]["dyt-plain"]["config"] == {"norm_scheme": "dyt", "output_layer_init": "plain"}
+    assert "Against the baseline `pre-scaled`" in (tmp_path / "summary" / "summary.md").read_text()

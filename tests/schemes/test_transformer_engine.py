@@ -34,17 +34,17 @@ def to_te_names(state):
     return out
 
 
-def build_pair(megatron_tp1, **overrides):
+def build_pair(megatron_tp1, norm_scheme="lns", **overrides):
     from lns_megatron.models.gpt import build_gpt_model, tiny_config
 
     config = tiny_config(**overrides)
     torch.manual_seed(0)
-    local = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ).cuda()
+    local = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ, norm_scheme=norm_scheme).cuda()
     with torch.no_grad():
         for name, p in local.named_parameters():
-            if "layernorm" in name:
+            if "norm" in name:  # input, output (Peri-LN), post and final norms
                 p.copy_(0.5 * torch.randn_like(p) + (0.0 if config.layernorm_zero_centered_gamma else 1.0))
-    fused = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ,
+    fused = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ, norm_scheme=norm_scheme,
                             transformer_impl="transformer_engine").cuda()
     missing, unexpected = fused.load_state_dict(to_te_names(local.state_dict()), strict=False)
     assert not [m for m in missing if not m.endswith("_extra_state")] and not unexpected
@@ -124,3 +124,16 @@ def test_hybrid_te_spec_equals_gpt_te(megatron_tp1):
     with torch.no_grad():
         mask = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool, device="cuda"), 1)
         torch.testing.assert_close(hybrid(tokens, positions, mask), gpt(tokens, positions, mask), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", ["peri-lns", "post", "mix", "deepnorm"])
+def test_te_specs_of_the_other_schemes_equal_local(megatron_tp1, scheme):
+    """Peri-LN's output norms as TENorm inside TERowParallelLinear's subclass, the post-norm layers with the
+    unfused TEColumnParallelLinear and TENorm (Mix-LN's Pre-LN layers fused): the local spec's logits."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    local, fused = build_pair(megatron_tp1, norm_scheme=scheme)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), device="cuda")
+    positions = torch.arange(SEQ, device="cuda").expand(BATCH, SEQ)
+    mask = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool, device="cuda"), 1)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(tokens, positions, mask), local(tokens, positions, mask), rtol=2e-3, atol=2e-3)
