@@ -292,6 +292,18 @@ def parse_args(argv=None) -> PretrainConfig:
     return config
 
 
+# Flags that only one --norm-scheme reads.
+SCHEME_FLAGS = {"mix_ln_alpha": "mix", "dyt_alpha_init": "dyt", "dyt_alpha_init_attention": "dyt",
+                "dyt_alpha_init_mlp": "dyt", "dyt_alpha_init_final": "dyt"}
+
+
+def unused_scheme_flags(c: PretrainConfig) -> List[str]:
+    """The scheme flags set away from their defaults that this run's --norm-scheme does not read (said at
+    start-up, not refused: an A/B gives every arm the same flags)."""
+    return [flag_name(name) for name, scheme in SCHEME_FLAGS.items()
+            if c.norm_scheme != scheme and getattr(c, name) != PretrainConfig.__dataclass_fields__[name].default]
+
+
 def fill_defaults(c: PretrainConfig) -> None:
     if c.ffn_hidden_size is None and c.hidden_size is not None:
         c.ffn_hidden_size = 4 * c.hidden_size

@@ -23,7 +23,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
-from lns_megatron.config import PretrainConfig, validate
+from lns_megatron.config import PretrainConfig, unused_scheme_flags, validate
 from lns_megatron.data import datasets, metadata
 from lns_megatron.models.build import build_model_chunk, hybrid_pattern
 from lns_megatron.models.gpt import transformer_config
@@ -230,6 +230,9 @@ def _train(c: PretrainConfig, tokenizer, resume_from, notices) -> dict:
             print(f"lns-pretrain: loaded {resume_from}: {what}", flush=True)
         for notice in notices:
             print(f"lns-pretrain: resuming with a changed data setting: {notice}", flush=True)
+        unused = unused_scheme_flags(c)
+        if unused:
+            print(f"lns-pretrain: {', '.join(unused)} not used by --norm-scheme {c.norm_scheme}", flush=True)
         if (resume_from is not None and scheduler.lr_decay_style != "constant"
                 and scheduler.lr_decay_steps <= iteration < c.train_iters):
             print(f"lns-pretrain: iterations {iteration + 1}..{c.train_iters} are past the end of the learning-rate "

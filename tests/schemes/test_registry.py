@@ -18,6 +18,16 @@ def test_the_flag_offers_exactly_the_registry():
     assert PretrainConfig.__dataclass_fields__["norm_scheme"].metadata["choices"] == list(NORM_SCHEMES)
 
 
+def test_flags_of_other_schemes_are_named_at_start_up():
+    """An A/B gives every arm the same flags: a scheme's own flag is not refused under another scheme, but
+    said to be unused."""
+    from lns_megatron.config import unused_scheme_flags
+
+    assert unused_scheme_flags(parse_args([*MOCK, "--norm-scheme", "lns", "--dyt-alpha-init", "0.2",
+                                           "--mix-ln-alpha", "0.25"])) == ["--dyt-alpha-init"]
+    assert unused_scheme_flags(parse_args([*MOCK, "--norm-scheme", "dyt", "--dyt-alpha-init-mlp", "0.2"])) == []
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--norm-scheme", "dyt", "--transformer-impl", "transformer_engine"],
      "--norm-scheme dyt with --transformer-impl transformer_engine: Transformer Engine fuses LayerNorm and RMSNorm"),
@@ -47,6 +57,7 @@ def test_driver_trains_resumes_reports_and_refuses_export(tmp_path, scheme):
                         "--tensorboard-dir", tmp_path / "tb")
     whole = logged_losses(out)
     assert f"lns-pretrain: {scheme} |" in out and sorted(whole) == [1, 2, 3, 4] and whole[4] < whole[1], whole
+    assert ("--mix-ln-alpha not used by --norm-scheme" in out) == (scheme != "mix")
     scalars = read_tensorboard(tmp_path / "tb")
     for metric in ("variance", "angular-distance", "grad-norm"):
         values = [scalars[f"depth/{metric}/layer_{l:03d}"][-1] for l in range(1, 5)]
