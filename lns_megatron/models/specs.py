@@ -120,6 +120,9 @@ def _post_norm_spec(spec: ModuleSpec, transformer_impl: str, deepnorm_layers) ->
     for a model of ``deepnorm_layers`` layers). Under Transformer Engine the column-parallel linears lose the
     norm fused into them and the post-norms are ``TENorm``."""
     layer = dataclasses.replace(spec.submodules, input_layernorm=IdentityOp, pre_mlp_layernorm=IdentityOp)
+    if not (_submodules(layer.self_attention, "linear_qkv") and _submodules(layer.mlp, "linear_fc1")):
+        raise ValueError("get_gpt_lns_layer_spec: the post-norm schemes (post, mix, deepnorm) are built for dense "
+                         "attention and MLP layers; MoE and multi-latent attention are not supported with them")
     norm = LNSNorm
     if transformer_impl == "transformer_engine":
         from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TENorm
@@ -127,8 +130,8 @@ def _post_norm_spec(spec: ModuleSpec, transformer_impl: str, deepnorm_layers) ->
         norm = TENorm
         layer = dataclasses.replace(
             layer,
-            self_attention=_with_submodule(layer.self_attention, "linear_qkv", TEColumnParallelLinear, "post-norm"),
-            mlp=_with_submodule(layer.mlp, "linear_fc1", TEColumnParallelLinear, "post-norm"),
+            self_attention=_with_submodule(layer.self_attention, "linear_qkv", TEColumnParallelLinear),
+            mlp=_with_submodule(layer.mlp, "linear_fc1", TEColumnParallelLinear),
         )
     params = dict(norm=norm)
     if deepnorm_layers:
@@ -175,6 +178,14 @@ def get_gpt_lns_block_spec(config, transformer_impl: str = "local", norm_scheme:
     return TransformerBlockSubmodules(layer_specs=layers, layer_norm=final_norm)
 
 
+def _submodules(spec, name: str):
+    """The submodules of ``spec`` (a ``ModuleSpec`` or a ``functools.partial`` taking ``submodules=``) when they
+    have the field ``name``, else None."""
+    partial = isinstance(spec, functools.partial)
+    submodules = spec.keywords.get("submodules") if partial else getattr(spec, "submodules", None)
+    return submodules if submodules is not None and hasattr(submodules, name) else None
+
+
 def _with_submodule(spec, name: str, module, required: str = ""):
     """A copy of ``spec`` with one field of its submodules replaced, when it has that field; when it does
     not (MoE, MLA), ``required`` names the scheme that needs it and makes that an error.
@@ -182,8 +193,8 @@ def _with_submodule(spec, name: str, module, required: str = ""):
     ``spec`` is a ``ModuleSpec``, or (megatron-core 0.19's MLP) a ``functools.partial`` taking ``submodules=``.
     """
     partial = isinstance(spec, functools.partial)
-    submodules = spec.keywords.get("submodules") if partial else spec.submodules
-    if submodules is None or not hasattr(submodules, name):
+    submodules = _submodules(spec, name)
+    if submodules is None:
         if required:
             raise ValueError(f"get_gpt_lns_layer_spec: norm_scheme={required!r} puts a norm on {name}'s output, "
                              f"which this layer ({getattr(spec, 'module', spec)}) does not have; MoE and "

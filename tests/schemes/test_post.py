@@ -88,6 +88,8 @@ def test_deepnorm_initial_scales(megatron_tp1):
 def test_refusals(megatron_tp1):
     with pytest.raises(ValueError, match="norm_scheme='mix' has Post-LN and Pre-LN layers; .*get_gpt_lns_block_spec"):
         get_gpt_lns_layer_spec(norm_scheme="mix")
+    with pytest.raises(ValueError, match="the post-norm schemes .* are built for dense attention and MLP layers"):
+        get_gpt_lns_layer_spec(norm_scheme="post", num_experts=2)
     with pytest.raises(ValueError, match="norm_scheme='deepnorm' scales by the model's number of layers"):
         get_gpt_lns_layer_spec(norm_scheme="deepnorm")
     with pytest.raises(ValueError, match="mix_ln_alpha=1.5; it is a fraction"):
