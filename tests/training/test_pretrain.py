@@ -125,7 +125,7 @@ def test_bad_input_is_one_line_without_traceback():
     (["--finetune", *MOCK], "--finetune needs --load DIR"),
     (["--norm-scheme", "mix", "--mix-ln-alpha", "1.5", *MOCK], "--mix-ln-alpha 1.5: must be at most 1"),
     (["--norm-scheme", "post", "--hybrid-layer-pattern", "*-*-*-*-", *MOCK],
-     "--hybrid-layer-pattern with --norm-scheme post: the norms after the residual add are built for GPTModel's"),
+     "--hybrid-layer-pattern with --norm-scheme post: that scheme is built for GPTModel's layers only"),
 ], ids=["heads-tp", "layers-pp", "batch", "seq-positions", "no-data", "missing-data", "missing-load", "seq-zero",
         "negative-batch", "zero-iters", "negative-lr", "nan-lr", "beta2", "eval-interval", "save-interval", "timeout",
         "warmup", "finetune-without-load", "mix-alpha", "hybrid-post"])
