@@ -42,14 +42,14 @@ def lns_transformer_config(output_layer_init: str = "plain", **config_kwargs) ->
 
 def transformer_config(c: PretrainConfig) -> TransformerConfig:
     """The driver's flags as megatron-core's TransformerConfig (used by training and by the tools' loader)."""
-    hybrid = {}
-    if c.hybrid_layer_pattern:  # HybridModel's layers are attention or MLP: twice the transformer layers
-        hybrid["num_layers"] = 2 * c.num_layers
-        if c.output_layer_init == "scaled":  # std/sqrt(2L) with L transformer layers, as for GPTModel
-            hybrid["output_layer_init_method"] = scaled_init_method_normal(c.init_method_std, c.num_layers)
+    # HybridModel's layers are attention or MLP: twice the transformer layers; its scaled output init is
+    # still std/sqrt(2L) with L transformer layers, as for GPTModel.
+    hybrid = bool(c.hybrid_layer_pattern)
     return lns_transformer_config(
         c.output_layer_init,
-        **{"num_layers": c.num_layers, **hybrid},
+        num_layers=2 * c.num_layers if hybrid else c.num_layers,
+        output_layer_init_method=(scaled_init_method_normal(c.init_method_std, c.num_layers)
+                                  if hybrid and c.output_layer_init == "scaled" else None),
         hidden_size=c.hidden_size,
         ffn_hidden_size=c.ffn_hidden_size,
         num_attention_heads=c.num_attention_heads,

@@ -14,17 +14,23 @@ from lns_megatron.diagnostics import ab
 from lns_megatron.training.distributed import free_port
 
 
-@pytest.fixture(scope="module")
-def ab_runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ab")
-    env = dict(os.environ, AB_DIR=str(root), ARMS="pre:scaled lns:plain", SEEDS="1 2", NUM_SAMPLES="4",
-               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_PORT=str(free_port()), TRAIN_ITERS="4",
-               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "ab_pre_vs_lns.sh"), "--seq-length", "32",
+def run_ab(script, root, **env):
+    """examples/SCRIPT on tiny runs into ``root``, with ``env`` (ARMS, SCHEMES, SEEDS, ...); returns its stdout."""
+    env = dict(os.environ, AB_DIR=str(root), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_PORT=str(free_port()),
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), **env)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "examples", script), "--seq-length", "32",
                            "--max-position-embeddings", "32", "--eval-interval", "2", "--log-interval", "2"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return root, proc.stdout
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def ab_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ab")
+    stdout = run_ab("ab_pre_vs_lns.sh", root, ARMS="pre:scaled lns:plain", SEEDS="1 2", NUM_SAMPLES="4",
+                    TRAIN_ITERS="4")
+    return root, stdout
 
 
 def test_summary_of_arms_and_seeds(ab_runs):
@@ -61,13 +67,8 @@ def test_runs_that_differ_in_more_than_the_arm_are_refused(ab_runs, tmp_path):
 def test_every_scheme_under_one_script(tmp_path):
     """examples/ab_norm_schemes.sh: SCHEMES x INITS arms, with megatron-core's Pre-LN (pre:scaled) always one
     of them, through the real launcher and driver, summarized against it."""
-    env = dict(os.environ, AB_DIR=str(tmp_path), SCHEMES="peri-lns dyt", INITS="plain", SEEDS="1", NUM_SAMPLES="2",
-               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_PORT=str(free_port()), TRAIN_ITERS="2",
-               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "ab_norm_schemes.sh"), "--seq-length", "32",
-                           "--max-position-embeddings", "32", "--eval-interval", "2", "--log-interval", "2"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    run_ab("ab_norm_schemes.sh", tmp_path, SCHEMES="peri-lns dyt", INITS="plain", SEEDS="1", NUM_SAMPLES="2",
+           TRAIN_ITERS="2")
     summary = json.load(open(tmp_path / "summary" / "summary.json"))
     assert sorted(summary["arms"]) == ["dyt-plain", "peri-lns-plain", "pre-scaled"]
     assert summary["arms"]["dyt-plain"]["config"] == {"norm_scheme": "dyt", "output_layer_init": "plain"}
