@@ -3,7 +3,7 @@
 # --output-layer-init only (checked from each run's pretrain_config.json), then one summary of them all
 # (AB_DIR/summary/summary.md, summary.json, plots) and TensorBoard side by side.
 #
-#   SCHEMES="lns peri mix dyt" INITS="scaled plain" SEEDS="1 2 3" bash examples/ab_norm_schemes.sh [driver flags]
+#   SCHEMES="lns peri mix dyt bhyt" INITS="scaled plain" SEEDS="1 2 3" bash examples/ab_norm_schemes.sh [driver flags]
 #   ARMS="pre:scaled lns:plain" bash examples/ab_norm_schemes.sh ...      # or name the SCHEME:INIT arms
 #
 # Every scheme runs under each init of INITS (default both); pre:scaled, megatron-core's own Pre-LN (the
@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 AB_DIR=${AB_DIR:-runs/ab}
-SCHEMES=${SCHEMES:-pre lns peri peri-lns post mix deepnorm dyt}
+SCHEMES=${SCHEMES:-pre lns peri peri-lns post mix deepnorm dyt bhyt}
 INITS=${INITS:-scaled plain}
 SEEDS=${SEEDS:-1234 1235}
 if [ -z "${ARMS:-}" ]; then

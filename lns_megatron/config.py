@@ -102,8 +102,9 @@ class PretrainConfig:
     norm_scheme: str = _flag("pre: Pre-LN; lns: LayerNorm Scaling 1/sqrt(layer); peri: Peri-LN (norms on the "
                              "attention and MLP outputs too); peri-lns: Peri-LN with LNS on the input norms; post: "
                              "Post-LN; mix: Mix-LN (Post-LN in the first --mix-ln-alpha of the layers); deepnorm: "
-                             "DeepNorm; dyt: Dynamic Tanh in place of every norm", "lns",
-                             choices=["pre", "lns", "peri", "peri-lns", "post", "mix", "deepnorm", "dyt"])
+                             "DeepNorm; dyt: Dynamic Tanh in place of every norm; bhyt: Bounded Hyperbolic Tanh in place of the "
+                             "input norms", "lns",
+                             choices=["pre", "lns", "peri", "peri-lns", "post", "mix", "deepnorm", "dyt", "bhyt"])
     mix_ln_alpha: float = _flag("--norm-scheme mix: the fraction of layers, from the first, that are Post-LN "
                                 "(floor(alpha * layers))", 0.25, at_least=0, at_most=1)
     dyt_alpha_init: float = _flag("--norm-scheme dyt: the initial alpha of every DyT", 0.5, **POSITIVE)
@@ -114,6 +115,9 @@ class PretrainConfig:
                                                 "--dyt-alpha-init; LLaMA 2 7B: 0.2)", **POSITIVE)
     dyt_alpha_init_final: Optional[float] = _flag("--norm-scheme dyt: the initial alpha of the final DyT (default "
                                                   "--dyt-alpha-init; LLaMA 2 7B: 0.2)", **POSITIVE)
+    bhyt_lambda_init: float = _flag("--norm-scheme bhyt: the initial lambda of every BHyT", 2.0, **POSITIVE)
+    bhyt_lambda_init_mlp: Optional[float] = _flag("--norm-scheme bhyt: the initial lambda before the MLP (default "
+                                                  "--bhyt-lambda-init; the paper's released runs: 1.0)", **POSITIVE)
     make_vocab_size_divisible_by: int = _flag("pad the vocabulary to a multiple of this times TP", 128, **POSITIVE)
     # Batches and schedule
     micro_batch_size: int = _flag("samples per micro-batch per GPU", 1, **POSITIVE)
@@ -294,7 +298,8 @@ def parse_args(argv=None) -> PretrainConfig:
 
 # Flags that only one --norm-scheme reads.
 SCHEME_FLAGS = {"mix_ln_alpha": "mix", "dyt_alpha_init": "dyt", "dyt_alpha_init_attention": "dyt",
-                "dyt_alpha_init_mlp": "dyt", "dyt_alpha_init_final": "dyt"}
+                "dyt_alpha_init_mlp": "dyt", "dyt_alpha_init_final": "dyt", "bhyt_lambda_init": "bhyt",
+                "bhyt_lambda_init_mlp": "bhyt"}
 
 
 def unused_scheme_flags(c: PretrainConfig) -> List[str]:
@@ -394,6 +399,11 @@ def validate(c: PretrainConfig, cuda_available: bool, have_te: bool) -> None:
              "Engine fuses LayerNorm and RMSNorm only, it has no tanh; use --transformer-impl local")
         need(not c.qk_layernorm, "--norm-scheme dyt replaces every norm, and --qk-layernorm's are not DyT; leave "
              "--qk-layernorm out")
+    if c.norm_scheme == "bhyt":
+        need(c.transformer_impl == "local", "--norm-scheme bhyt with --transformer-impl transformer_engine: Transformer "
+             "Engine fuses LayerNorm and RMSNorm only, it has no tanh; use --transformer-impl local")
+        need(c.normalization == "RMSNorm", f"--norm-scheme bhyt with --normalization {c.normalization}: BHyT bounds "
+             "by the root mean square (the paper's RMSNorm form); use --normalization RMSNorm")
     if c.overlap_param_gather:
         need(c.use_distributed_optimizer, "--overlap-param-gather needs --use-distributed-optimizer")
     if c.transformer_impl == "transformer_engine" or c.fp8_format:

@@ -28,7 +28,7 @@ def rope(x, base=10000.0):
 
 
 def forward(params, tokens, *, num_layers, num_heads, num_query_groups, eps, lns, peri=False, post_layers=0,
-            residual_scale=1.0, final_norm=True, dyt=False):
+            residual_scale=1.0, final_norm=True, dyt=False, bhyt=False, bhyt_exact=False):
     """Logits [b, s, vocab] for ``tokens`` [b, s]; ``params`` maps megatron names to tensors.
 
     ``lns``: the input norms' outputs of layer l times 1/sqrt(l). ``peri`` (Peri-LN, Kim et al. 2025): each
@@ -38,10 +38,17 @@ def forward(params, tokens, *, num_layers, num_heads, num_query_groups, eps, lns
     ``final_norm``: whether the last hidden state is normalized before the output layer.
     ``dyt`` (Zhu et al. 2025, LLaMA code): every RMSNorm is ``weight * tanh(alpha * x)`` and the embedding
     output is multiplied by the learnable ``embedding_scale``.
+    ``bhyt`` (Byun et al. 2026): the input norms are ``weight * tanh(lam * x / (10 * sqrt(v + eps)))``, ``v`` the
+    mean square of the attention's input, and before the MLP ``v + ||W_V W_O||_F^2 / (s d) * lam_attn^2 / 100``
+    (value heads repeated for their query heads; no gradient through the weight term or ``lam_attn``);
+    ``bhyt_exact``: the MLP's ``v`` is its own input's mean square instead (the paper's BHyT*).
     """
     p = params
 
-    def norm(x, name):
+    def norm(x, name, variance=None):
+        if bhyt:
+            variance = x.pow(2).mean(-1, keepdim=True) if variance is None else variance
+            return p[name + ".weight"] * torch.tanh(p[name + ".lam"] * x / (10.0 * torch.sqrt(variance + eps)))
         if dyt:
             return p[name + ".weight"] * torch.tanh(p[name + ".alpha"] * x)
         return rms_norm(x, p[name + ".weight"], eps)
@@ -58,6 +65,7 @@ def forward(params, tokens, *, num_layers, num_heads, num_query_groups, eps, lns
         scale = 1.0 / math.sqrt(i + 1) if lns else 1.0
         is_post = i < post_layers
         x = h if is_post else norm(h, pre + "input_layernorm") * scale
+        attention_input_variance = h.pow(2).mean(-1, keepdim=True)
         qkv = (x @ p[pre + "self_attention.linear_qkv.weight"].T).view(
             s, b, num_query_groups, (heads_per_group + 2) * head_dim
         )
@@ -76,7 +84,16 @@ def forward(params, tokens, *, num_layers, num_heads, num_query_groups, eps, lns
             h = rms_norm(residual_scale * h + attn, p[pre + "post_self_attn_layernorm.weight"], eps)
         else:
             h = h + attn
-        x = h if is_post else norm(h, pre + "pre_mlp_layernorm") * scale
+        mlp_variance = None
+        if bhyt and not bhyt_exact:
+            with torch.no_grad():
+                values = p[pre + "self_attention.linear_qkv.weight"].view(
+                    num_query_groups, (heads_per_group + 2) * head_dim, hidden)[:, -head_dim:, :]
+                values = values.repeat_interleave(heads_per_group, dim=0).reshape(num_heads * head_dim, hidden)
+                vo = p[pre + "self_attention.linear_proj.weight"] @ values
+                added = vo.pow(2).sum() / (s * hidden) * p[pre + "input_layernorm.lam"].pow(2) / 100.0
+            mlp_variance = attention_input_variance + added
+        x = h if is_post else norm(h, pre + "pre_mlp_layernorm", mlp_variance) * scale
         gate, up = (x @ p[pre + "mlp.linear_fc1.weight"].T).chunk(2, dim=-1)
         mlp = (F.silu(gate) * up) @ p[pre + "mlp.linear_fc2.weight"].T
         if peri:
@@ -86,7 +103,7 @@ def forward(params, tokens, *, num_layers, num_heads, num_query_groups, eps, lns
         else:
             h = h + mlp
     if final_norm:
-        h = norm(h, "decoder.final_layernorm")
+        h = rms_norm(h, p["decoder.final_layernorm.weight"], eps) if bhyt else norm(h, "decoder.final_layernorm")
     return (h @ p["output_layer.weight"].T).transpose(0, 1)
 
 

@@ -1,4 +1,5 @@
-"""Export a checkpoint to a Hugging Face ``LlamaForCausalLM`` directory.
+"""Export a checkpoint to a Hugging Face ``LlamaForCausalLM`` directory (Pre-LN, LNS), or
+``Gemma2ForCausalLM`` (Peri-LN, Peri-LN + LNS: Gemma 2's layer has the same four norms).
 
 LayerNorm Scaling multiplies the outputs of layer ``l``'s pre-attention and pre-MLP RMSNorms by
 the constant ``1/sqrt(l)``. RMSNorm's output is ``x / rms(x) * gamma``, so the multiplier folds
@@ -26,6 +27,7 @@ from lns_megatron.files import atomic_directory
 from lns_megatron.training.checkpoint import (CONFIG_FILE, TRACKER, CheckpointError, LoadedModel, latest_checkpoint,
                                               load_model, saved_config)
 from lns_megatron.config import PretrainConfig
+from lns_megatron.schemes import NORM_SCHEMES
 from lns_megatron.schemes.lns import layernorm_scale
 from lns_megatron.hf.scaling import (PRE_NORMS, LayerNormScalingError, fold_layernorm_scaling, from_pretrained,
                                      is_lns)
@@ -38,31 +40,49 @@ class ExportError(ValueError):
     """Bad input for an export or a report: the message names the input and the fix."""
 
 
-def check_llama_compatible(c: PretrainConfig, model=None) -> None:
-    """Refuse, with the reason and the fix, what has no exact Llama form."""
-    def refuse(what, why):
-        raise ExportError(f"cannot export to Llama: the checkpoint uses {what}; {why}")
+# The Hugging Face architecture that computes each norm scheme exactly; the others have none.
+HF_ARCHITECTURES = {"pre": "llama", "lns": "llama", "peri": "gemma2", "peri-lns": "gemma2"}
+ARCHITECTURE_NAMES = {"llama": "Llama", "gemma2": "Gemma 2"}
 
-    if c.norm_scheme not in ("pre", "lns"):
-        refuse(f"--norm-scheme {c.norm_scheme}", "only Pre-LN and LNS (a constant per-layer factor that folds into "
-               "the RMSNorm weight) have an exact Llama form")
+
+def check_exportable(c: PretrainConfig, model=None, keep_lns: bool = False) -> str:
+    """The Hugging Face architecture of the checkpoint (``"llama"`` or ``"gemma2"``); what has no exact form in
+    it is refused with the reason and the fix."""
+    architecture = HF_ARCHITECTURES.get(c.norm_scheme)
+    if architecture is None:
+        raise ExportError(f"cannot export to Hugging Face: the checkpoint uses --norm-scheme {c.norm_scheme}; only "
+                          "pre and lns (Llama) and peri and peri-lns (Gemma 2) have an exact Hugging Face architecture")
+    name = ARCHITECTURE_NAMES[architecture]
+
+    def refuse(what, why):
+        raise ExportError(f"cannot export to {name}: the checkpoint uses {what}; {why}")
+
     if c.normalization != "RMSNorm":
-        refuse(f"--normalization {c.normalization}", "Llama has RMSNorm only (no mean subtraction, no norm bias); "
+        refuse(f"--normalization {c.normalization}", f"{name} has RMSNorm only (no mean subtraction, no norm bias); "
                "train with --normalization RMSNorm")
     if not c.swiglu:
-        refuse("a non-gated GELU MLP", "Llama's MLP is SwiGLU; train with --swiglu")
+        refuse("a non-gated GELU MLP", f"{name}'s MLP here is SwiGLU; train with --swiglu")
     if c.position_embedding_type != "rope":
-        refuse(f"--position-embedding-type {c.position_embedding_type}", "Llama uses RoPE; train with "
+        refuse(f"--position-embedding-type {c.position_embedding_type}", f"{name} uses RoPE; train with "
                "--position-embedding-type rope")
     if c.qk_layernorm:
-        refuse("--qk-layernorm", "Llama has no query/key norms")
+        refuse("--qk-layernorm", f"{name} has no query/key norms")
+    if architecture == "gemma2":
+        if not c.untie_embeddings_and_output_weights:
+            refuse("tied embeddings", "Gemma 2 multiplies its input embeddings by sqrt(hidden size), so the output "
+                   "layer cannot share them; train with --untie-embeddings-and-output-weights")
+        if not c.disable_bias_linear:
+            refuse("linear biases", "Gemma 2's MLP has none; train with --disable-bias-linear")
+        if keep_lns:
+            refuse("--keep-lns", "Gemma 2 has no LNS form; drop --keep-lns to fold 1/sqrt(l) into the input norms")
     if model is not None and getattr(model, "rotary_pos_emb", None) is not None:
         rope = model.rotary_pos_emb
         if getattr(rope, "rotary_interleaved", False):
-            refuse("interleaved RoPE", "Hugging Face Llama rotates halves (megatron's default)")
+            refuse("interleaved RoPE", f"Hugging Face {name} rotates halves (megatron's default)")
         head_dim = model.config.kv_channels
         if rope.inv_freq.numel() * 2 != head_dim:
-            refuse("RoPE on part of each head (--rotary-percent < 1)", "Llama rotates the whole head")
+            refuse("RoPE on part of each head (--rotary-percent < 1)", f"{name} rotates the whole head")
+    return architecture
 
 
 def rope_base(model) -> float:
@@ -81,15 +101,17 @@ def rope_base(model) -> float:
     return rounded if torch.allclose(again, inv_freq, rtol=1e-6, atol=0) else base
 
 
-def llama_weights(loaded: LoadedModel, dtype: torch.dtype = torch.float32,
-                  keep_lns: bool = False) -> Tuple[Dict[str, torch.Tensor], dict]:
-    """(Hugging Face Llama state dict, config.json dict) of a loaded megatron model.
+def hf_weights(loaded: LoadedModel, dtype: torch.dtype = torch.float32,
+               keep_lns: bool = False) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """(Hugging Face state dict, config.json dict) of a loaded megatron model, as Llama or Gemma 2.
 
-    LNS is folded into the pre-norm weights, unless ``keep_lns``: then the weights are the trained
-    gamma and the config records the scheme, for :func:`lns_megatron.hf.scaling.from_pretrained`.
+    LNS is folded into the pre-norm weights, unless ``keep_lns`` (Llama only): then the weights are the
+    trained gamma and the config records the scheme, for :func:`lns_megatron.hf.scaling.from_pretrained`.
+    Gemma 2 stores each norm's weight as ``gamma - 1`` and multiplies the input embeddings by ``sqrt(hidden)``
+    rounded to the weights' dtype, which the exported embeddings are divided by.
     """
     model, c = loaded.model, loaded.config
-    check_llama_compatible(c, model)
+    gemma = check_exportable(c, model, keep_lns) == "gemma2"
     tc = model.config
     sd = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     heads, groups, head_dim, hidden = tc.num_attention_heads, tc.num_query_groups, tc.kv_channels, tc.hidden_size
@@ -100,18 +122,27 @@ def llama_weights(loaded: LoadedModel, dtype: torch.dtype = torch.float32,
     def w(name):
         return sd[name].detach().to(torch.float64).cpu()
 
-    def norm_weight(name, scale):
+    def norm_weight(name, scale=1.0):
         gamma = w(name)
         if tc.layernorm_zero_centered_gamma:  # the norm multiplies by 1 + weight
             gamma = gamma + 1.0
-        return gamma * scale
+        return gamma * scale - 1.0 if gemma else gamma * scale  # Gemma's norm multiplies by 1 + weight
 
-    out = {"model.embed_tokens.weight": w("embedding.word_embeddings.weight")[:vocab]}
+    embeddings = w("embedding.word_embeddings.weight")[:vocab]
+    if gemma:
+        embeddings = embeddings / torch.tensor(hidden**0.5, dtype=dtype).item()
+    out = {"model.embed_tokens.weight": embeddings}
+    lns = NORM_SCHEMES[c.norm_scheme].lns and not keep_lns
     for i in range(tc.num_layers):
         meg, hf = f"decoder.layers.{i}.", f"model.layers.{i}."
-        scale = layernorm_scale(i + 1) if c.norm_scheme == "lns" and not keep_lns else 1.0
+        scale = layernorm_scale(i + 1) if lns else 1.0
         out[hf + "input_layernorm.weight"] = norm_weight(meg + "input_layernorm.weight", scale)
-        out[hf + "post_attention_layernorm.weight"] = norm_weight(meg + "pre_mlp_layernorm.weight", scale)
+        if gemma:  # Peri-LN: post_attention_layernorm is the attention's output norm, as in Gemma 2
+            out[hf + "post_attention_layernorm.weight"] = norm_weight(meg + "self_attention.linear_proj.output_norm.weight")
+            out[hf + "pre_feedforward_layernorm.weight"] = norm_weight(meg + "pre_mlp_layernorm.weight", scale)
+            out[hf + "post_feedforward_layernorm.weight"] = norm_weight(meg + "mlp.linear_fc2.output_norm.weight")
+        else:
+            out[hf + "post_attention_layernorm.weight"] = norm_weight(meg + "pre_mlp_layernorm.weight", scale)
         # linear_qkv rows: per query group [q heads of the group, k, v], each head_dim rows.
         for kind in ("weight", "bias") if biases else ("weight",):
             qkv = w(meg + f"self_attention.linear_qkv.{kind}")
@@ -124,7 +155,7 @@ def llama_weights(loaded: LoadedModel, dtype: torch.dtype = torch.float32,
             gate, up = w(meg + f"mlp.linear_fc1.{kind}").chunk(2, dim=0)  # SwiGLU: [gate; up]
             out[hf + f"mlp.gate_proj.{kind}"], out[hf + f"mlp.up_proj.{kind}"] = gate, up
             out[hf + f"mlp.down_proj.{kind}"] = w(meg + f"mlp.linear_fc2.{kind}")
-    out["model.norm.weight"] = norm_weight("decoder.final_layernorm.weight", 1.0)  # the final norm: unscaled
+    out["model.norm.weight"] = norm_weight("decoder.final_layernorm.weight")  # the final norm: unscaled
     tied = not c.untie_embeddings_and_output_weights
     if not tied:
         out["lm_head.weight"] = w("output_layer.weight")[:vocab]
@@ -165,6 +196,21 @@ def llama_weights(loaded: LoadedModel, dtype: torch.dtype = torch.float32,
             "padded_vocab_size": int(sd["embedding.word_embeddings.weight"].shape[0]),
         },
     }
+    if gemma:
+        for key in ("hidden_act", "mlp_bias", "rope_scaling"):
+            config.pop(key)
+        config.update({
+            "architectures": ["Gemma2ForCausalLM"],
+            "model_type": "gemma2",
+            "hidden_activation": "silu",  # SwiGLU: down(silu(gate) * up), Gemma 2's MLP with SiLU
+            "query_pre_attn_scalar": head_dim,  # attention scores scaled by 1/sqrt(head_dim)
+            "layer_types": ["full_attention"] * tc.num_layers,  # no sliding window
+            "sliding_window": c.max_position_embeddings,
+            "attn_logit_softcapping": None,
+            "final_logit_softcapping": None,
+        })
+        config["lns_megatron"]["lns_folded_into"] = ("input_layernorm, pre_feedforward_layernorm"
+                                                     if lns else None)
     return out, config
 
 
@@ -236,7 +282,7 @@ def export(loaded: LoadedModel, output: str, dtype: torch.dtype = torch.float32,
     """Write the Hugging Face directory ``output`` atomically (temp dir, then rename)."""
     output = _check_output(output, overwrite)
     files = tokenizer_files(loaded.config)  # fail on a missing tokenizer before any work
-    tensors, config = llama_weights(loaded, dtype, keep_lns)
+    tensors, config = hf_weights(loaded, dtype, keep_lns)
     with atomic_directory(output) as partial:
         _save_safetensors(tensors, partial)
         with open(os.path.join(partial, "config.json"), "w") as f:
@@ -286,7 +332,7 @@ def export_hf_directory(source: str, output: str, dtype: Optional[torch.dtype] =
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="export_hf", description="Export an lns_megatron checkpoint to a Hugging Face "
-                                "LlamaForCausalLM directory, with LNS folded into the norm weights (or kept, with "
+                                "LlamaForCausalLM directory (Gemma2ForCausalLM for Peri-LN), with LNS folded into the norm weights (or kept, with "
                                 "--keep-lns); or fold a Hugging Face model fine-tuned as LNS into a plain one")
     p.add_argument("--load", required=True, help="checkpoint directory (the --save of a run, or one iter_* dir), "
                    "or a Hugging Face model directory (a model fine-tuned as LNS: the scale is folded)")
@@ -309,7 +355,8 @@ def main(argv=None) -> int:
     from lns_megatron.training import distributed
 
     try:
-        check_llama_compatible(PretrainConfig.from_dict(saved_config(latest_checkpoint(args.load)[0])))  # before loading
+        check_exportable(PretrainConfig.from_dict(saved_config(latest_checkpoint(args.load)[0])),  # before loading
+                         keep_lns=args.keep_lns)
         loaded = load_model(args.load, tokenizer_model=args.tokenizer_model, device="cpu")
         dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if loaded.config.bf16 else torch.float32)
         path = export(loaded, args.output, dtype, args.overwrite, args.keep_lns)
@@ -320,10 +367,11 @@ def main(argv=None) -> int:
         distributed.destroy()
     c = loaded.config
     lns = ""
-    if c.norm_scheme == "lns":
+    if NORM_SCHEMES[c.norm_scheme].lns:
         lns = (" (LNS kept: load it with lns_megatron.hf.from_pretrained)" if args.keep_lns
                else " (1/sqrt(l) folded into the norm weights)")
-    print(f"export_hf: wrote {path}: LlamaForCausalLM, {c.num_layers} layers, vocab {loaded.vocab_size}, "
+    architecture = {"llama": "LlamaForCausalLM", "gemma2": "Gemma2ForCausalLM"}[HF_ARCHITECTURES[c.norm_scheme]]
+    print(f"export_hf: wrote {path}: {architecture}, {c.num_layers} layers, vocab {loaded.vocab_size}, "
           f"norm scheme {c.norm_scheme}" + lns
           + ("" if tokenizer_files(c) else "; no tokenizer files (NullTokenizer)"), flush=True)
     return 0

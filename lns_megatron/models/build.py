@@ -38,6 +38,11 @@ def dyt_alpha_init(c: PretrainConfig) -> tuple:
                  for v in (c.dyt_alpha_init_attention, c.dyt_alpha_init_mlp, c.dyt_alpha_init_final))
 
 
+def bhyt_lambda_init(c: PretrainConfig) -> tuple:
+    """BHyT's initial lambda before attention and before the MLP (the latter defaults to --bhyt-lambda-init)."""
+    return c.bhyt_lambda_init, c.bhyt_lambda_init if c.bhyt_lambda_init_mlp is None else c.bhyt_lambda_init_mlp
+
+
 def build_model_chunk(c: PretrainConfig, config: TransformerConfig, vocab_size: int, vp_stage: Optional[int] = None):
     """The model chunk of this pipeline rank (and virtual stage ``vp_stage``)."""
     common = dict(norm_scheme=c.norm_scheme, transformer_impl=c.transformer_impl, qk_layernorm=c.qk_layernorm,
@@ -46,7 +51,8 @@ def build_model_chunk(c: PretrainConfig, config: TransformerConfig, vocab_size: 
     pattern = hybrid_pattern(c)
     if pattern is None:
         return build_gpt_model(config, vocab_size=vocab_size, max_sequence_length=c.max_position_embeddings,
-                               mix_ln_alpha=c.mix_ln_alpha, dyt_alpha_init=dyt_alpha_init(c), **common)
+                               mix_ln_alpha=c.mix_ln_alpha, dyt_alpha_init=dyt_alpha_init(c),
+                               bhyt_lambda_init=bhyt_lambda_init(c), **common)
     return hybrid.build_hybrid_lns_model(config, vocab_size, c.max_position_embeddings, pattern, **common)
 
 

@@ -123,6 +123,7 @@ def build_gpt_model(
     qk_layernorm: bool = False,
     mix_ln_alpha: float = 0.25,
     dyt_alpha_init: tuple = (0.5, 0.5, 0.5),
+    bhyt_lambda_init: tuple = (2.0, 2.0),
     vp_stage: Optional[int] = None,
 ) -> GPTModel:
     """One model chunk for this pipeline rank (and virtual stage ``vp_stage``)."""
@@ -131,7 +132,8 @@ def build_gpt_model(
                                       normalization=config.normalization, qk_layernorm=qk_layernorm)
     else:
         spec = get_gpt_lns_block_spec(config, transformer_impl, norm_scheme, qk_layernorm=qk_layernorm,
-                                      mix_ln_alpha=mix_ln_alpha, dyt_alpha_init=dyt_alpha_init, vp_stage=vp_stage)
+                                      mix_ln_alpha=mix_ln_alpha, dyt_alpha_init=dyt_alpha_init,
+                                      bhyt_lambda_init=bhyt_lambda_init, vp_stage=vp_stage)
     model_class = DyTGPTModel if NORM_SCHEMES[norm_scheme].tanh else GPTModel
     return model_class(
         config=config,

@@ -29,6 +29,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from lns_megatron.schemes import NORM_SCHEMES as _SCHEMES
 from lns_megatron.schemes import norm_scheme as _norm_scheme
 from lns_megatron.schemes import peri, post
+from lns_megatron.schemes.bhyt import BHyT, BHyTTransformerLayer
 from lns_megatron.schemes.lns import HAVE_TE, LNSNorm, LNSTransformerLayer
 from lns_megatron.schemes.tanh import DyT
 
@@ -43,14 +44,16 @@ def get_gpt_lns_layer_spec(
     qk_layernorm: bool = False,
     num_layers: Optional[int] = None,
     dyt_alpha_init: Tuple[float, float, float] = (0.5, 0.5, 0.5),
+    bhyt_lambda_init: Tuple[float, float] = (2.0, 2.0),
     **spec_kwargs,
 ) -> ModuleSpec:
     """A GPT layer spec with the norm scheme ``norm_scheme`` (see ``lns_megatron.schemes.NORM_SCHEMES``):
     LayerNorm Scaling (``"lns"``, the default), plain Pre-LN (``"pre"``), Peri-LN (``"peri"``, ``"peri-lns"``),
     Post-LN (``"post"``), DeepNorm (``"deepnorm"``, which needs ``num_layers``, the model's N), Dynamic Tanh
     (``"dyt"``, local only: ``dyt_alpha_init`` holds the initial alpha before attention, before the MLP and,
-    for the block's final DyT, at the end). Mix-LN's layers differ by depth: its spec is
-    :func:`get_gpt_lns_block_spec`'s.
+    for the block's final DyT, at the end), Bounded Hyperbolic Tanh (``"bhyt"``, local RMSNorm only:
+    ``bhyt_lambda_init`` holds the initial lambda before attention and before the MLP). Mix-LN's layers
+    differ by depth: its spec is :func:`get_gpt_lns_block_spec`'s.
 
     ``"pre"`` returns megatron-core's own spec unchanged. Extra keyword arguments (for example
     ``num_experts``) go to megatron-core's spec function.
@@ -63,6 +66,9 @@ def get_gpt_lns_layer_spec(
         raise ValueError("get_gpt_lns_layer_spec: norm_scheme='dyt' replaces every norm with a tanh, which "
                          "Transformer Engine cannot fuse and qk_layernorm would not get; use transformer_impl='local' "
                          "without qk_layernorm")
+    if scheme.bhyt and (transformer_impl != "local" or normalization != "RMSNorm"):
+        raise ValueError("get_gpt_lns_layer_spec: norm_scheme='bhyt' bounds a tanh by the root mean square, which "
+                         "Transformer Engine cannot fuse; use transformer_impl='local' with normalization='RMSNorm'")
     if scheme.deepnorm and not num_layers:
         raise ValueError("get_gpt_lns_layer_spec: norm_scheme='deepnorm' scales by the model's number of layers; "
                          "pass num_layers=N")
@@ -91,6 +97,11 @@ def get_gpt_lns_layer_spec(
         return dataclasses.replace(spec, submodules=dataclasses.replace(
             spec.submodules, input_layernorm=ModuleSpec(module=DyT, params=dict(alpha_init=attention)),
             pre_mlp_layernorm=ModuleSpec(module=DyT, params=dict(alpha_init=mlp))))
+    if scheme.bhyt:
+        attention, mlp = bhyt_lambda_init
+        return dataclasses.replace(spec, module=BHyTTransformerLayer, submodules=dataclasses.replace(
+            spec.submodules, input_layernorm=ModuleSpec(module=BHyT, params=dict(lambda_init=attention)),
+            pre_mlp_layernorm=ModuleSpec(module=BHyT, params=dict(lambda_init=mlp))))
 
     layer = spec.submodules
     if transformer_impl == "local":
@@ -143,6 +154,7 @@ def _post_norm_spec(spec: ModuleSpec, transformer_impl: str, deepnorm_layers) ->
 def get_gpt_lns_block_spec(config, transformer_impl: str = "local", norm_scheme: str = "lns",
                            qk_layernorm: bool = False, mix_ln_alpha: float = 0.25,
                            dyt_alpha_init: Tuple[float, float, float] = (0.5, 0.5, 0.5),
+                           bhyt_lambda_init: Tuple[float, float] = (2.0, 2.0),
                            vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
     """The layer specs of this pipeline chunk (global layer numbers from megatron's offset) and the final
     norm, for every scheme but ``"pre"`` (which is megatron's own: pass ``get_gpt_lns_layer_spec`` to GPTModel).
@@ -166,7 +178,8 @@ def get_gpt_lns_block_spec(config, transformer_impl: str = "local", norm_scheme:
         layers = [post_spec if offset + i + 1 <= post_layers else pre_spec for i in range(count)]
     else:
         layers = [get_gpt_lns_layer_spec(transformer_impl, norm_scheme, config.normalization, qk_layernorm,
-                                         num_layers=config.num_layers, dyt_alpha_init=dyt_alpha_init)] * count
+                                         num_layers=config.num_layers, dyt_alpha_init=dyt_alpha_init,
+                                         bhyt_lambda_init=bhyt_lambda_init)] * count
     final_norm = None
     if scheme.tanh:
         final_norm = ModuleSpec(module=DyT, params=dict(alpha_init=dyt_alpha_init[2]))

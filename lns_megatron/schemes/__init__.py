@@ -16,11 +16,12 @@ class NormScheme:
     deepnorm: bool = False  # DeepNorm's residual and init scales (post.py)
     final_norm: bool = True  # the norm before the output layer
     tanh: bool = False  # every norm replaced by Dynamic Tanh (tanh.py)
+    bhyt: bool = False  # the input norms replaced by Bounded Hyperbolic Tanh (bhyt.py)
 
     @property
     def gpt_only(self) -> bool:
         """Built for GPTModel's layers only (HybridModel's stack takes the Pre-LN-shaped schemes)."""
-        return bool(self.post_norm) or self.tanh
+        return bool(self.post_norm) or self.tanh or self.bhyt
 
 
 NORM_SCHEMES = {s.name: s for s in (
@@ -34,6 +35,8 @@ NORM_SCHEMES = {s.name: s for s in (
                "MLP weights initialized scaled by (8N)^(-1/4)", post_norm="all", deepnorm=True, final_norm=False),
     NormScheme("dyt", "Dynamic Tanh: every norm, final included, replaced by gamma * tanh(alpha x) + beta",
                tanh=True),
+    NormScheme("bhyt", "Bounded Hyperbolic Tanh: the input norms replaced by gamma * tanh(lambda x / (kappa s)), "
+               "s exact before attention and approximated from the weights before the MLP", bhyt=True),
 )}
 
 

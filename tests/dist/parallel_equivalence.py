@@ -6,7 +6,8 @@
    LNS scale against its global index computed here, run the real schedule (1F1B or
    interleaved), save the gradients as a checkpoint.
 3. TP=PP=1 again: load the layout's gradients and compare them with step 1's.
-Prints "OK" on success; any mismatch raises.
+Prints "OK <scheme>" on success; any mismatch raises. ``--norm-scheme`` takes a comma-separated list,
+checked one after the other in the same processes.
 """
 
 import argparse
@@ -27,6 +28,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from lns_megatron.training import distributed
 from lns_megatron.models.gpt import build_gpt_model, tiny_config
 from lns_megatron.schemes import NORM_SCHEMES
+from lns_megatron.schemes.bhyt import BHyT
 from lns_megatron.schemes.lns import LNSNorm
 from lns_megatron.schemes.post import PostNormTransformerLayer, mix_ln_post_layers
 from lns_megatron.schemes.tanh import DyT
@@ -114,11 +116,17 @@ def main():
     ap.add_argument("--vpp", type=int, default=None)
     ap.add_argument("--sequence-parallel", action="store_true")
     ap.add_argument("--num-layers", type=int, default=4)
-    ap.add_argument("--norm-scheme", default="lns")
+    ap.add_argument("--norm-scheme", default="lns", help="one scheme, or several separated by commas")
     ap.add_argument("--dir", required=True)
     args = ap.parse_args()
-    scheme = NORM_SCHEMES[args.norm_scheme]
-    weights, grads = os.path.join(args.dir, "weights"), os.path.join(args.dir, "grads")
+    for name in args.norm_scheme.split(","):
+        check(args, name, os.path.join(args.dir, name))
+    distributed.destroy()
+
+
+def check(args, name, directory):
+    args.norm_scheme, scheme = name, NORM_SCHEMES[name]
+    weights, grads = os.path.join(directory, "weights"), os.path.join(directory, "grads")
 
     distributed.initialize(1, 1, seed=11)
     _, ref = build(args.num_layers, norm_scheme=args.norm_scheme)
@@ -127,8 +135,10 @@ def main():
         for n, p in ref[0].module.named_parameters():
             if "norm" in n:  # input norms, Peri-LN output norms, the final norm
                 p.copy_(1.0 + 0.5 * torch.randn(p.shape))
+            if scheme.bhyt and n.endswith(("linear_qkv.weight", "linear_proj.weight")):
+                p.mul_(20.0)  # BHyT's weight-derived variance term large enough to matter
     if dist.get_rank() == 0:
-        os.makedirs(weights)
+        os.makedirs(weights, exist_ok=True)
     dist.barrier()
     dist_checkpointing.save(sharded(ref), weights)
     ref_loss = run_step(ref)
@@ -147,7 +157,7 @@ def main():
         got = [l.layer_number for l in layers]
         assert got == expected, f"rank {dist.get_rank()} chunk {vp_stage}: layers {got} != {expected}"
         for l, g in zip(layers, expected):
-            norms = [m for m in l.modules() if isinstance(m, (LNSNorm, DyT))]  # input, output and post norms
+            norms = [m for m in l.modules() if isinstance(m, (LNSNorm, DyT, BHyT))]  # input, output and post norms
             if scheme.lns:
                 assert l.input_layernorm.lns_scale == 1 / math.sqrt(g) == l.pre_mlp_layernorm.lns_scale
             if scheme.post_norm:  # Mix-LN: Post-LN up to floor(alpha N), by the global number
@@ -171,8 +181,8 @@ def main():
     back[0].module.load_state_dict(dist_checkpointing.load(sharded(back), grads)["model0"])
     for n, p in back[0].module.named_parameters():
         torch.testing.assert_close(p.detach(), ref_grads[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
-    print(f"OK loss={loss:.6f} ref={ref_loss:.6f}", flush=True)
-    distributed.destroy()
+    print(f"OK {name} loss={loss:.6f} ref={ref_loss:.6f}", flush=True)
+    parallel_state.destroy_model_parallel()
 
 
 if __name__ == "__main__":

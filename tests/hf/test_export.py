@@ -155,17 +155,23 @@ def test_export_copies_and_trims_to_a_real_tokenizer(checkpoints, tmp_path):
     torch.testing.assert_close(ref, meg, rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(normalization="LayerNorm"), "--normalization LayerNorm"),
-    (dict(norm_scheme="peri"), "--norm-scheme peri"),
-    (dict(swiglu=False), "SwiGLU"),
-    (dict(qk_layernorm=True), "--qk-layernorm"),
-    (dict(position_embedding_type="learned_absolute"), "RoPE"),
+@pytest.mark.parametrize("change, flags, message", [
+    (dict(normalization="LayerNorm"), [], "cannot export to Llama: the checkpoint uses --normalization LayerNorm"),
+    (dict(norm_scheme="dyt"), [], "cannot export to Hugging Face: the checkpoint uses --norm-scheme dyt; only pre "
+     "and lns (Llama) and peri and peri-lns (Gemma 2)"),
+    (dict(swiglu=False), [], "cannot export to Llama: the checkpoint uses a non-gated GELU MLP"),
+    (dict(qk_layernorm=True), [], "cannot export to Llama: the checkpoint uses --qk-layernorm"),
+    (dict(position_embedding_type="learned_absolute"), [], "Llama uses RoPE"),
+    (dict(norm_scheme="peri", untie_embeddings_and_output_weights=False), [],
+     "cannot export to Gemma 2: the checkpoint uses tied embeddings; Gemma 2 multiplies its input embeddings"),
+    (dict(norm_scheme="peri", disable_bias_linear=False), [], "cannot export to Gemma 2: the checkpoint uses linear "
+     "biases"),
+    (dict(norm_scheme="peri-lns"), ["--keep-lns"], "cannot export to Gemma 2: the checkpoint uses --keep-lns"),
 ])
-def test_refuses_what_llama_cannot_express(checkpoints, tmp_path, change, message):
+def test_refuses_what_the_architecture_cannot_express(checkpoints, tmp_path, change, flags, message):
     ckpt = copy_checkpoint(checkpoints["lns"], tmp_path / "ckpt", **change)
-    code, err = export_cli("--load", ckpt, "--output", tmp_path / "hf")
-    assert code == 2 and "cannot export to Llama" in err and message in err, err
+    code, err = export_cli("--load", ckpt, "--output", tmp_path / "hf", *flags)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "hf").exists() and os.listdir(tmp_path) == ["ckpt"]
 
 

@@ -1,5 +1,5 @@
-"""(c) PP=2 and PP=2 x VPP=2, (d) TP=2 and TP=2 with sequence parallelism, under torchrun (LNS, and
-Peri-LN + LNS, Mix-LN, DeepNorm and DyT at the two hardest layouts).
+"""(c) PP=2 and PP=2 x VPP=2, (d) TP=2 and TP=2 with sequence parallelism, under torchrun (LNS, and every
+other norm scheme but Pre-LN at the two hardest layouts).
 
 Each layout loads the TP=PP=1 model's weights through dist_checkpointing, checks each layer's
 LNS scale against its global index, and must reproduce the TP=PP=1 loss and every gradient
@@ -11,7 +11,9 @@ import os
 import pytest
 
 from dist_launch import torchrun
+from lns_megatron.schemes import NORM_SCHEMES
 
+OTHER_SCHEMES = ",".join(s for s in NORM_SCHEMES if s not in ("pre", "lns"))
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "dist", "parallel_equivalence.py")
 
 
@@ -30,25 +32,20 @@ SCRIPT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "dist", "paral
         ),
         (["--tp", "2"], ["rank 0 pp_rank 0 chunk 0: layers [1, 2, 3, 4]"]),
         (["--tp", "2", "--sequence-parallel"], ["rank 1 pp_rank 0 chunk 0: layers [1, 2, 3, 4]"]),
-        # Peri-LN + LNS: the output norms under the pipeline schedules and sequence parallelism
-        (["--pp", "2", "--vpp", "2", "--num-layers", "8", "--norm-scheme", "peri-lns"],
-         ["rank 1 pp_rank 1 chunk 1: layers [7, 8]"]),
-        (["--tp", "2", "--sequence-parallel", "--norm-scheme", "peri-lns"],
-         ["rank 1 pp_rank 0 chunk 0: layers [1, 2, 3, 4]"]),
-        # Mix-LN: Post-LN layers 1-2 of 8 by the global number (all in rank 0's first chunk); DeepNorm under SP
-        (["--pp", "2", "--vpp", "2", "--num-layers", "8", "--norm-scheme", "mix"],
-         ["rank 0 pp_rank 0 chunk 0: layers [1, 2]"]),
-        (["--tp", "2", "--sequence-parallel", "--norm-scheme", "deepnorm"],
-         ["rank 1 pp_rank 0 chunk 0: layers [1, 2, 3, 4]"]),
-        # DyT: its alphas, gammas and the embedding scale under sequence parallelism
-        (["--tp", "2", "--sequence-parallel", "--norm-scheme", "dyt"],
+        # every other scheme at the two hardest layouts, one after the other in the same processes: Peri-LN's
+        # output norms, Mix-LN's Post-LN layers 1-2 of 8 by the global number (all in rank 0's first chunk),
+        # DyT's and BHyT's parameters (the embedding scale, BHyT's all-reduced weight term) under SP
+        (["--pp", "2", "--vpp", "2", "--num-layers", "8", "--norm-scheme", OTHER_SCHEMES],
+         ["rank 0 pp_rank 0 chunk 0: layers [1, 2]", "rank 1 pp_rank 1 chunk 1: layers [7, 8]"]),
+        (["--tp", "2", "--sequence-parallel", "--norm-scheme", OTHER_SCHEMES],
          ["rank 1 pp_rank 0 chunk 0: layers [1, 2, 3, 4]"]),
     ],
-    ids=["pp2", "pp2-vpp2", "tp2", "tp2-sp", "peri-lns-pp2-vpp2", "peri-lns-tp2-sp", "mix-pp2-vpp2",
-         "deepnorm-tp2-sp", "dyt-tp2-sp"],
+    ids=["pp2", "pp2-vpp2", "tp2", "tp2-sp", "other-schemes-pp2-vpp2", "other-schemes-tp2-sp"],
 )
 def test_layout_matches_single_process(tmp_path, layout, expected_chunks):
     out = torchrun(SCRIPT, *layout, "--dir", tmp_path)
     for line in expected_chunks:
         assert line in out
-    assert out.count("OK loss=") == 2
+    schemes = layout[layout.index("--norm-scheme") + 1].split(",") if "--norm-scheme" in layout else ["lns"]
+    for scheme in schemes:
+        assert out.count(f"OK {scheme} loss=") == 2, scheme

@@ -33,6 +33,10 @@ def test_flags_of_other_schemes_are_named_at_start_up():
      "--norm-scheme dyt with --transformer-impl transformer_engine: Transformer Engine fuses LayerNorm and RMSNorm"),
     (["--norm-scheme", "dyt", "--qk-layernorm"], "--norm-scheme dyt replaces every norm"),
     (["--norm-scheme", "dyt", "--dyt-alpha-init", "0"], "--dyt-alpha-init 0.0: must be greater than 0"),
+    (["--norm-scheme", "bhyt", "--transformer-impl", "transformer_engine"],
+     "--norm-scheme bhyt with --transformer-impl transformer_engine: Transformer Engine fuses LayerNorm and RMSNorm"),
+    (["--norm-scheme", "bhyt", "--normalization", "LayerNorm"],
+     "--norm-scheme bhyt with --normalization LayerNorm: BHyT bounds by the root mean square"),
 ])
 def test_refusals_before_anything_starts(args, expected):
     with pytest.raises(ConfigError) as error:
@@ -40,11 +44,12 @@ def test_refusals_before_anything_starts(args, expected):
     assert expected in str(error.value)
 
 
-@pytest.mark.parametrize("scheme", ["peri-lns", "mix", "deepnorm", "dyt"])
+@pytest.mark.parametrize("scheme", ["peri-lns", "mix", "deepnorm", "dyt", "bhyt"])
 def test_driver_trains_resumes_reports_and_refuses_export(tmp_path, scheme):
     """Through the driver: learns, writes the depth scalars, resumes exactly (Mix-LN's checkpoint holds one key
     per layer, its layers differ), the depth report reads it (Post-LN and DeepNorm have no final norm for the
-    logit lens), and the Llama export refuses it in one line naming the scheme."""
+    logit lens); Peri-LN + LNS exports to Gemma 2 with the same logits, the export refuses the others in one
+    line naming the scheme."""
     from driver import logged_losses, read_tensorboard, run_driver
     from lns_megatron.diagnostics.report import main as report
     from lns_megatron.hf.export import main as export
@@ -74,6 +79,40 @@ def test_driver_trains_resumes_reports_and_refuses_export(tmp_path, scheme):
     assert json.load(open(tmp_path / "report" / "report.json"))["runs"][0]["norm_scheme"] == scheme
     with contextlib.redirect_stderr(err := io.StringIO()):
         code = export(["--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")])
+    if scheme == "peri-lns":  # Gemma 2's layer has Peri-LN's four norms
+        assert code == 0, err.getvalue()
+        assert_gemma2_logits_equal(tmp_path / "ckpt", tmp_path / "hf")
+        return
     lines = err.getvalue().strip().splitlines()
     assert code != 0 and len(lines) == 1 and f"--norm-scheme {scheme}" in lines[0], lines
     assert not (tmp_path / "hf").exists()
+
+
+def assert_gemma2_logits_equal(checkpoint, export_dir):
+    """The Peri-LN + LNS checkpoint's logits and its Gemma2ForCausalLM export's, in float32 (atol 2e-5; with
+    LNS left unfolded they differ by more than 1e-2)."""
+    import torch
+    from transformers import Gemma2ForCausalLM
+
+    from lns_megatron.diagnostics.report import forward_logits
+    from lns_megatron.training import distributed
+    from lns_megatron.training.checkpoint import load_model
+
+    config = json.load(open(export_dir / "config.json"))
+    assert config["architectures"] == ["Gemma2ForCausalLM"] and config["lns_megatron"]["norm_scheme"] == "peri-lns"
+    tokens = torch.randint(0, 200, (2, 32), generator=torch.Generator().manual_seed(0))
+    try:
+        loaded = load_model(str(checkpoint), device="cpu")
+        with torch.no_grad():
+            megatron = forward_logits(loaded.model, tokens)[..., :loaded.vocab_size]
+    finally:
+        distributed.destroy()
+    hf = Gemma2ForCausalLM.from_pretrained(str(export_dir), dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        logits = hf(tokens).logits
+        assert megatron.abs().max() > 0.1
+        torch.testing.assert_close(logits, megatron, rtol=0, atol=2e-5)
+        for i in range(len(hf.model.layers)):  # unfold LNS: (1 + w) * sqrt(l) - 1
+            for norm in (hf.model.layers[i].input_layernorm, hf.model.layers[i].pre_feedforward_layernorm):
+                norm.weight.copy_((1 + norm.weight) * math.sqrt(i + 1) - 1)
+        assert (hf(tokens).logits - megatron).abs().max() > 1e-2
