@@ -44,8 +44,8 @@ def test_refusals_before_anything_starts(args, expected):
     assert expected in str(error.value)
 
 
-@pytest.mark.parametrize("scheme", ["peri-lns", "mix", "deepnorm", "dyt", "bhyt"])
-def test_driver_trains_resumes_reports_and_refuses_export(tmp_path, scheme):
+@pytest.mark.parametrize("scheme", ["peri", "peri-lns", "post", "mix", "deepnorm", "dyt", "bhyt"])
+def test_driver_trains_resumes_reports_and_exports_or_refuses(tmp_path, scheme):
     """Through the driver: learns, writes the depth scalars, resumes exactly (Mix-LN's checkpoint holds one key
     per layer, its layers differ), the depth report reads it (Post-LN and DeepNorm have no final norm for the
     logit lens); Peri-LN + LNS exports to Gemma 2 with the same logits, the export refuses the others in one
@@ -79,18 +79,18 @@ def test_driver_trains_resumes_reports_and_refuses_export(tmp_path, scheme):
     assert json.load(open(tmp_path / "report" / "report.json"))["runs"][0]["norm_scheme"] == scheme
     with contextlib.redirect_stderr(err := io.StringIO()):
         code = export(["--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")])
-    if scheme == "peri-lns":  # Gemma 2's layer has Peri-LN's four norms
+    if scheme.startswith("peri"):  # Gemma 2's layer has Peri-LN's four norms
         assert code == 0, err.getvalue()
-        assert_gemma2_logits_equal(tmp_path / "ckpt", tmp_path / "hf")
+        assert_gemma2_logits_equal(tmp_path / "ckpt", tmp_path / "hf", scheme)
         return
     lines = err.getvalue().strip().splitlines()
     assert code != 0 and len(lines) == 1 and f"--norm-scheme {scheme}" in lines[0], lines
     assert not (tmp_path / "hf").exists()
 
 
-def assert_gemma2_logits_equal(checkpoint, export_dir):
-    """The Peri-LN + LNS checkpoint's logits and its Gemma2ForCausalLM export's, in float32 (atol 2e-5; with
-    LNS left unfolded they differ by more than 1e-2)."""
+def assert_gemma2_logits_equal(checkpoint, export_dir, scheme):
+    """The Peri-LN checkpoint's logits and its Gemma2ForCausalLM export's, in float32 (atol 2e-5; for Peri-LN +
+    LNS, with LNS left unfolded they differ by more than 1e-2)."""
     import torch
     from transformers import Gemma2ForCausalLM
 
@@ -99,7 +99,7 @@ def assert_gemma2_logits_equal(checkpoint, export_dir):
     from lns_megatron.training.checkpoint import load_model
 
     config = json.load(open(export_dir / "config.json"))
-    assert config["architectures"] == ["Gemma2ForCausalLM"] and config["lns_megatron"]["norm_scheme"] == "peri-lns"
+    assert config["architectures"] == ["Gemma2ForCausalLM"] and config["lns_megatron"]["norm_scheme"] == scheme
     tokens = torch.randint(0, 200, (2, 32), generator=torch.Generator().manual_seed(0))
     try:
         loaded = load_model(str(checkpoint), device="cpu")
@@ -112,6 +112,8 @@ def assert_gemma2_logits_equal(checkpoint, export_dir):
         logits = hf(tokens).logits
         assert megatron.abs().max() > 0.1
         torch.testing.assert_close(logits, megatron, rtol=0, atol=2e-5)
+        if scheme != "peri-lns":
+            return
         for i in range(len(hf.model.layers)):  # unfold LNS: (1 + w) * sqrt(l) - 1
             for norm in (hf.model.layers[i].input_layernorm, hf.model.layers[i].pre_feedforward_layernorm):
                 norm.weight.copy_((1 + norm.weight) * math.sqrt(i + 1) - 1)
