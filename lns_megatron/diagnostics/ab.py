@@ -206,16 +206,21 @@ def plot(summary: dict, directory: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
     arms = list(summary["arms"])
-    colors = dict(zip(arms, ["tab:gray", "tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple"]))
+    # One color per scheme, one line style per output-layer init: 9 schemes x 2 inits stay readable.
+    schemes = sorted({summary["arms"][a]["config"]["norm_scheme"] for a in arms})
+    palette = plt.get_cmap("tab10" if len(schemes) <= 10 else "tab20").colors
+    color = {a: palette[schemes.index(summary["arms"][a]["config"]["norm_scheme"]) % len(palette)] for a in arms}
+    size = (6, 3.6) if len(arms) <= 6 else (9, 5.4)
+    style = {a: "--" if summary["arms"][a]["config"]["output_layer_init"] == "plain" else "-" for a in arms}
     reports, curves = summary["_reports"], summary["_curves"]
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = plt.subplots(figsize=size)
     for (arm, s), curve in sorted(curves.items()):
         steps, values = zip(*curve)
-        ax.plot(steps, values, "-", color=colors[arm], alpha=0.8, label=arm if s == min(
+        ax.plot(steps, values, style[arm], color=color[arm], alpha=0.8, label=arm if s == min(
             x for a, x in curves if a == arm) else None)
     ax.set(title="Validation loss (each seed)", xlabel="iteration", ylabel="lm loss validation")
-    ax.legend()
+    ax.legend(fontsize="x-small", ncol=2 if len(arms) > 6 else 1)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(directory, "validation_loss.png"), dpi=90)
@@ -225,16 +230,16 @@ def plot(summary: dict, directory: str) -> None:
             ("variance.png", "variance", "Residual-stream output variance (mean over seeds)", "Var(h_l)", True),
             ("layer_removal.png", "removal_delta_loss", "Layer removal: loss increase (mean over seeds)",
              "Δ loss (nats)", False)):
-        fig, ax = plt.subplots(figsize=(6, 3.6))
+        fig, ax = plt.subplots(figsize=size)
         for arm in arms:
             rows = np.array([getattr(r, attribute) for (a, _), r in reports.items() if a == arm])
             x = np.arange(1, rows.shape[1] + 1)
-            ax.plot(x, rows.mean(0), "o-", color=colors[arm], label=arm)
-            if len(rows) > 1:
-                ax.fill_between(x, rows.min(0), rows.max(0), color=colors[arm], alpha=0.15)
+            ax.plot(x, rows.mean(0), "o" + style[arm], color=color[arm], label=arm)
+            if len(rows) > 1 and len(arms) <= 6:  # seed bands of many arms hide the lines
+                ax.fill_between(x, rows.min(0), rows.max(0), color=color[arm], alpha=0.15)
         ax.set(title=title, xlabel="layer", ylabel=ylabel, yscale="log" if log else "linear")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend()
+        ax.legend(fontsize="x-small", ncol=2 if len(arms) > 6 else 1)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(os.path.join(directory, name), dpi=90)

@@ -73,3 +73,24 @@ def test_every_scheme_under_one_script(tmp_path):
     assert sorted(summary["arms"]) == ["dyt-plain", "peri-lns-plain", "pre-scaled"]
     assert summary["arms"]["dyt-plain"]["config"] == {"norm_scheme": "dyt", "output_layer_init": "plain"}
     assert "Against the baseline `pre-scaled`" in (tmp_path / "summary" / "summary.md").read_text()
+
+
+def test_plots_of_the_default_eighteen_arms(ab_runs, tmp_path):
+    """ab_norm_schemes.sh's default (every scheme x both inits, 18 arms) gets its three plots: the real runs'
+    reports and curves, relabelled as 18 arms (a six-color palette once failed here, after the whole A/B)."""
+    from lns_megatron.schemes import NORM_SCHEMES
+
+    root, _ = ab_runs
+    summary = ab.summarize(str(root), num_samples=2)
+    key = next(iter(summary["_reports"]))
+    report, curve = summary["_reports"][key], summary["_curves"][key]
+    arms, reports, curves = {}, {}, {}
+    for scheme in NORM_SCHEMES:
+        for init in ("scaled", "plain"):
+            arm = f"{scheme}-{init}"
+            arms[arm] = {"config": {"norm_scheme": scheme, "output_layer_init": init}}
+            for seed in (1, 2):
+                reports[(arm, seed)], curves[(arm, seed)] = report, curve
+    assert len(arms) == 18
+    ab.plot(dict(summary, arms=arms, _reports=reports, _curves=curves), str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["layer_removal.png", "validation_loss.png", "variance.png"]
