@@ -205,13 +205,14 @@ def plot(summary: dict, directory: str) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    arms = list(summary["arms"])
+    configs = {arm: summary["arms"][arm]["config"] for arm in summary["arms"]}
+    arms, many = list(configs), len(configs) > 6
     # One color per scheme, one line style per output-layer init: 9 schemes x 2 inits stay readable.
-    schemes = sorted({summary["arms"][a]["config"]["norm_scheme"] for a in arms})
+    schemes = sorted({c["norm_scheme"] for c in configs.values()})
     palette = plt.get_cmap("tab10" if len(schemes) <= 10 else "tab20").colors
-    color = {a: palette[schemes.index(summary["arms"][a]["config"]["norm_scheme"]) % len(palette)] for a in arms}
-    size = (6, 3.6) if len(arms) <= 6 else (9, 5.4)
-    style = {a: "--" if summary["arms"][a]["config"]["output_layer_init"] == "plain" else "-" for a in arms}
+    color = {a: palette[schemes.index(c["norm_scheme"]) % len(palette)] for a, c in configs.items()}
+    style = {a: "--" if c["output_layer_init"] == "plain" else "-" for a, c in configs.items()}
+    size, legend = ((9, 5.4), dict(fontsize="x-small", ncol=2)) if many else ((6, 3.6), {})
     reports, curves = summary["_reports"], summary["_curves"]
 
     fig, ax = plt.subplots(figsize=size)
@@ -220,7 +221,7 @@ def plot(summary: dict, directory: str) -> None:
         ax.plot(steps, values, style[arm], color=color[arm], alpha=0.8, label=arm if s == min(
             x for a, x in curves if a == arm) else None)
     ax.set(title="Validation loss (each seed)", xlabel="iteration", ylabel="lm loss validation")
-    ax.legend(fontsize="x-small", ncol=2 if len(arms) > 6 else 1)
+    ax.legend(**legend)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(directory, "validation_loss.png"), dpi=90)
@@ -235,11 +236,11 @@ def plot(summary: dict, directory: str) -> None:
             rows = np.array([getattr(r, attribute) for (a, _), r in reports.items() if a == arm])
             x = np.arange(1, rows.shape[1] + 1)
             ax.plot(x, rows.mean(0), "o" + style[arm], color=color[arm], label=arm)
-            if len(rows) > 1 and len(arms) <= 6:  # seed bands of many arms hide the lines
+            if len(rows) > 1 and not many:  # seed bands of many arms hide the lines
                 ax.fill_between(x, rows.min(0), rows.max(0), color=color[arm], alpha=0.15)
         ax.set(title=title, xlabel="layer", ylabel=ylabel, yscale="log" if log else "linear")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize="x-small", ncol=2 if len(arms) > 6 else 1)
+        ax.legend(**legend)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(os.path.join(directory, name), dpi=90)

@@ -48,8 +48,8 @@ def test_refusals_before_anything_starts(args, expected):
 def test_driver_trains_resumes_reports_and_exports_or_refuses(tmp_path, scheme):
     """Through the driver: learns, writes the depth scalars, resumes exactly (Mix-LN's checkpoint holds one key
     per layer, its layers differ), the depth report reads it (Post-LN and DeepNorm have no final norm for the
-    logit lens); Peri-LN + LNS exports to Gemma 2 with the same logits, the export refuses the others in one
-    line naming the scheme."""
+    logit lens); Peri-LN, with or without LNS, exports to Gemma 2 with the same logits, the export refuses the
+    others in one line naming the scheme."""
     from driver import logged_losses, read_tensorboard, run_driver
     from lns_megatron.diagnostics.report import main as report
     from lns_megatron.hf.export import main as export
