@@ -1,13 +1,19 @@
-"""Children die with the trainer.
+"""Nothing the trainer started outlives the job.
 
 megatron's checkpoint writers (forked), its results-queue manager (spawned) and the data-loader
-workers outlive a trainer killed with SIGKILL (an OOM kill, ``kill -9``, a scheduler's hard stop):
-hundreds of MB each, holding files and GPU-side resources. :func:`start` forks a small watchdog
-before anything heavy is imported. It learns the trainer's descendants once a second, and when the
-trainer is gone (its end of a pipe closes, however it died) it kills the ones still running, and
-the trainer's children born since its last look: orphaned like the watchdog itself, they now have
-its new parent, in the trainer's process group. psutil compares process start times, so a recycled
-pid is never killed.
+workers outlive a trainer that dies before them: hundreds of MB each, holding files, GPU memory and
+the job's stdout (whatever waits for the job's output, a CI runner or a SLURM step, waits forever).
+:func:`start` forks a small watchdog before anything heavy is imported. It learns the trainer's
+descendants once a second, and when the trainer is gone (its end of a pipe closes, however it died)
+it SIGKILLs the ones still running, and the trainer's children born since its last look: orphaned
+like the watchdog itself, they now have its new parent, in the trainer's process group. psutil
+compares process start times, so a recycled pid is never killed.
+
+The watchdog ignores the signals that end a job politely (torchrun sends SIGTERM, SIGINT, SIGHUP or
+SIGQUIT to the trainer's whole process group): it must outlive them to do its work, since a stopped
+(frozen) process never acts on the SIGTERM it was sent, and only SIGKILL ends it. Under torchrun it
+also watches the launcher: a trainer whose torchrun is gone (SIGKILLed, or lost with its node) has
+no job left, and is SIGKILLed with everything it started.
 """
 
 from __future__ import annotations
@@ -15,17 +21,22 @@ from __future__ import annotations
 import os
 import select
 import signal
+import sys
 import time
+
+# What torchrun forwards to the workers' process groups when it is stopped, and what a terminal sends.
+JOB_END_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 def start() -> int:
     """Fork the watchdog of this process; returns its pid."""
     read_fd, write_fd = os.pipe()
     trainer = os.getpid()
+    launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None  # set by torchrun for its workers
     pid = os.fork()
     if pid == 0:
         os.close(write_fd)
-        _watch(trainer, read_fd)  # never returns
+        _watch(trainer, launcher, read_fd)  # never returns
     os.close(read_fd)
     os.set_inheritable(write_fd, False)  # exec'd (spawned) children do not hold it open
     os.register_at_fork(after_in_child=lambda: _close(write_fd))  # nor do forked ones
@@ -39,8 +50,9 @@ def _close(fd: int) -> None:
         pass
 
 
-def _watch(trainer: int, fd: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the trainer; its exit ends the watch
+def _watch(trainer: int, launcher, fd: int) -> None:
+    for sig in JOB_END_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     try:
         import psutil
 
@@ -55,6 +67,11 @@ def _watch(trainer: int, fd: int) -> None:
                 for child in parent.children(recursive=True):
                     if child.pid != me:
                         known[child.pid] = child
+                if launcher is not None and parent.ppid() != launcher:
+                    _say(f"lns-pretrain: error: rank {os.environ.get('RANK', '?')}: its launcher (torchrun, pid "
+                         f"{launcher}) is gone; killed the trainer (pid {trainer}) and the processes it started")
+                    parent.kill()
+                    break
             except psutil.NoSuchProcess:
                 break
         known.update((p.pid, p) for p in _orphans_of(trainer, me, group, born))
@@ -66,6 +83,13 @@ def _watch(trainer: int, fd: int) -> None:
                 pass
     finally:
         os._exit(0)
+
+
+def _say(line: str) -> None:
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # the job's output may be gone with its launcher
+        pass
 
 
 def _orphans_of(trainer: int, me: int, group: int, born: float) -> list:

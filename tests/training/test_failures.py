@@ -206,3 +206,44 @@ def test_a_child_born_just_before_the_kill_dies_too(tmp_path):
     if not gone:
         child.kill()
     assert gone, "the child started just before the trainer was killed outlived it"
+
+
+def test_a_frozen_data_worker_does_not_outlive_the_job(tmp_path):
+    """One torchrun, two ranks; rank 1's data-loader worker is frozen (SIGSTOP). Rank 0 times out and says so
+    in one line, torchrun ends, and the job's stdout closes: the frozen worker (which never acts on the
+    SIGTERM torchrun sends its group) is SIGKILLed by the watchdog, and nothing of the job is left."""
+    args = ["--preset", "tiny", *MOCK, "--train-iters", "20000", "--log-interval", "1", "--num-workers", "1",
+            "--eval-iters", "0", "--depth-log-interval", "0", "--distributed-timeout-minutes", "0.15"]
+    proc = subprocess.Popen(driver_command(*args, nproc=2), cwd=ROOT, env=driver_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    job = []
+    try:
+        def rank1_worker():
+            for trainer in psutil.Process(proc.pid).children():
+                try:
+                    if trainer.environ().get("RANK") == "1":
+                        return next((w for w in trainer.children() if w.name() == "pt_data_worker"), None)
+                except psutil.Error:
+                    pass
+
+        assert wait_for(lambda: rank1_worker() is not None or proc.poll() is not None, timeout=300)
+        worker = rank1_worker()
+        assert worker is not None, proc.communicate()[0][-3000:]
+        job = psutil.Process(proc.pid).children(recursive=True)
+        worker.suspend()
+        try:
+            out = proc.communicate(timeout=150)[0]
+        except subprocess.TimeoutExpired:
+            pytest.fail("the job's stdout was still open 150 s after the freeze: "
+                        f"{[(p.pid, p.name()) for p in job if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]}")
+        errors = [l for l in out.splitlines() if l.startswith("lns-pretrain: error: rank 0")]
+        assert len(errors) == 1 and "timed out after --distributed-timeout-minutes 0.15" in errors[0], out[-3000:]
+        assert wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in job),
+                        timeout=10), [p for p in job if p.is_running()]
+    finally:
+        for p in job:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        kill_all([proc])
