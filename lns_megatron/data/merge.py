@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import List
 from lns_megatron.data import metadata
 from lns_megatron.data.metadata import DataError
 from lns_megatron.files import atomic_files
+from lns_megatron.signals import Interrupted, StopSignals
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,8 +102,13 @@ def _check_same_kind(prefixes: List[str], metas: List[dict], directory: str) -> 
                                 "merge datasets of one kind (put each --json-keys output in its own directory)")
 
 
-def merge(input_dir: str, output_prefix: str, multimodal: bool = False, overwrite: bool = False) -> MergeSummary:
+def merge(input_dir: str, output_prefix: str, multimodal: bool = False, overwrite: bool = False,
+          stop: StopSignals = None) -> MergeSummary:
+    """Raises :class:`Interrupted`, with nothing written, if ``stop`` records a signal before the outputs
+    take their final names."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    stop = stop or StopSignals()
 
     label = f"--input {input_dir}"
     if not os.path.isdir(input_dir):
@@ -120,7 +125,10 @@ def merge(input_dir: str, output_prefix: str, multimodal: bool = False, overwrit
     if existing and not overwrite:
         raise DataError(f"--output-prefix {output_prefix}: {existing[0]} exists; pass --overwrite to replace it")
     prefixes = find_prefixes(input_dir)
-    opened = [metadata.open_indexed(p, label, multimodal) for p in prefixes]  # every file whole, before any write
+    opened = []
+    for prefix in prefixes:  # every file whole, before any write
+        stop.check()
+        opened.append(metadata.open_indexed(prefix, label, multimodal))
     metas = [metadata.read_metadata(p, label) for p in prefixes]
     if any(metas) and not all(metas):
         bare, other = prefixes[metas.index(None)], prefixes[[bool(m) for m in metas].index(True)]
@@ -151,6 +159,7 @@ def merge(input_dir: str, output_prefix: str, multimodal: bool = False, overwrit
         gc.freeze()
         try:
             for prefix in summary.inputs:
+                stop.check()
                 builder.add_index(prefix)
         finally:
             gc.unfreeze()
@@ -164,6 +173,7 @@ def merge(input_dir: str, output_prefix: str, multimodal: bool = False, overwrit
                 [i for m in ordered for i in m["inputs"]],
                 merged_from=[dict(prefix=os.path.abspath(p), documents=m["documents"], tokens=m["tokens"])
                              for p, m in zip(summary.inputs, ordered)]))
+        stop.check()  # the last chance: past it the outputs are whole, and take their names
     summary.outputs = [p for p in finals if os.path.exists(p)]
     summary.seconds = time.perf_counter() - start
     return summary
@@ -174,14 +184,14 @@ def main(argv=None) -> int:
 
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's SIGTERM cleans up like Ctrl-C
     try:
-        s = merge(args.input, args.output_prefix, args.multimodal, args.overwrite)
+        with StopSignals() as stop:  # a scheduler's SIGTERM cleans up like Ctrl-C
+            s = merge(args.input, args.output_prefix, args.multimodal, args.overwrite, stop)
     except (DataError, ValueError) as e:
         print(f"merge_datasets.py: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("merge_datasets.py: interrupted; no output was written", file=sys.stderr)
+    except Interrupted as e:
+        print(f"merge_datasets.py: interrupted by {e}; no output was written", file=sys.stderr)
         return 130
     print(f"merged {len(s.inputs)} datasets in order ({os.path.basename(s.inputs[0])} ... "
           f"{os.path.basename(s.inputs[-1])}): documents: {s.documents} | tokens: {s.tokens} | seconds: {s.seconds:.2f}")

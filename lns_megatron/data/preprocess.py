@@ -35,6 +35,7 @@ import numpy as np
 from lns_megatron.data import metadata
 from lns_megatron.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
 from lns_megatron.files import atomic_files
+from lns_megatron.signals import Interrupted, StopSignals
 
 CHUNK_DOCS = 1024
 SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".parquet", ".txt")
@@ -410,8 +411,11 @@ def _shard_record(args, shard) -> Optional[dict]:
                 inputs_sha256=listing.hexdigest())
 
 
-def run(args) -> Summary:
+def run(args, stop: StopSignals = None) -> Summary:
+    """Raises :class:`Interrupted`, with nothing written, if ``stop`` records a signal before the outputs
+    take their final names."""
     global _tokenizer
+    stop = stop or StopSignals()
     import torch
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
     from tqdm import tqdm
@@ -438,7 +442,7 @@ def run(args) -> Summary:
         builders = {key: IndexedDatasetBuilder(temps[key][1], dtype=dtype) for key in args.json_keys}
         try:
             if args.workers > 1:
-                # A signal landing mid-creation would leave a pool that nothing terminates: hold it until `pool` is set.
+                # Held during the forks: a worker starts with them blocked until _init_worker sets its own handlers.
                 signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
                 try:
                     pool = multiprocessing.get_context("fork").Pool(args.workers, _init_worker, (tokenizer_args,))
@@ -452,7 +456,11 @@ def run(args) -> Summary:
             bar = tqdm(unit="doc", desc="tokenizing", mininterval=1.0, file=sys.stderr, disable=None)
 
             def drain_one():
-                result = in_flight.popleft().get()
+                pending = in_flight.popleft()
+                while not pending.ready():  # the signal handler only records: look at it while waiting
+                    pending.wait(0.2)
+                    stop.check()
+                result = pending.get()
                 if result.invalid:
                     summary.invalid += len(result.invalid)
                     summary.first_invalid.extend(result.invalid[: 5 - len(summary.first_invalid)])
@@ -476,15 +484,12 @@ def run(args) -> Summary:
                 bar.set_postfix_str(f"{summary.bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
 
             for chunk in _chunks(read_records(args, files), CHUNK_DOCS):
-                if _interrupted:  # one raised inside an at-fork hook or a finalizer is swallowed there
-                    raise KeyboardInterrupt
+                stop.check()
                 in_flight.append(submit(chunk))
                 if len(in_flight) >= 2 * max(args.workers, 1):  # bounded: memory stays flat
                     drain_one()
             while in_flight:
                 drain_one()
-            if _interrupted:
-                raise KeyboardInterrupt
             bar.close()
         finally:
             if pool is not None:
@@ -502,6 +507,7 @@ def run(args) -> Summary:
             metadata.write_metadata(temps[key][0], metadata.new_metadata(
                 "tools/preprocess_data.py", identity, key, args.append_eod, dtype, inputs=inputs, shard=shard_record,
                 **per_key[key]))
+        stop.check()  # the last chance: past it the outputs are whole, and take their names
         for key in args.json_keys:
             summary.outputs.extend(finals[key])
     summary.seconds = time.perf_counter() - start
@@ -515,14 +521,8 @@ class _Done:
     def get(self):
         return self.value
 
-
-_interrupted = False
-
-
-def _interrupt(signum, frame):
-    global _interrupted
-    _interrupted = True  # remembered: the exception below can land where Python swallows it
-    raise KeyboardInterrupt
+    def ready(self):
+        return True
 
 
 def main(argv=None) -> int:
@@ -530,18 +530,14 @@ def main(argv=None) -> int:
 
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     args = build_parser().parse_args(argv)
-    global _interrupted
-    _interrupted = False
-    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM cleans up like Ctrl-C
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where a parent chose to ignore it
-        signal.signal(signal.SIGINT, _interrupt)
     try:
-        s = run(args)
+        with StopSignals() as stop:  # a scheduler's SIGTERM cleans up like Ctrl-C
+            s = run(args, stop)
     except (PreprocessError, ValueError) as e:
         print(f"preprocess_data.py: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("preprocess_data.py: interrupted; no output was written", file=sys.stderr)
+    except Interrupted as e:
+        print(f"preprocess_data.py: interrupted by {e}; no output was written", file=sys.stderr)
         return 130
     rate = s.documents / max(s.seconds, 1e-9)
     print(f"documents: {s.documents} | tokens: {s.tokens} | bytes: {s.bytes} | seconds: {s.seconds:.2f} | "

@@ -68,3 +68,24 @@ def error_line(capsys, tool):
     lines = [line for line in err.splitlines() if line.startswith(f"{tool}: error: ")]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+def deliver_signal_inside(signum, function, module):
+    """A tracer (for sys.settrace) that sends ``signum`` to this process from inside the first call of
+    ``function`` defined in a file whose path contains ``module``: a landing made certain. Returns it and a
+    list that gets the qualified name of the function the signal landed in."""
+    sent = []
+
+    def local(frame, event, arg):
+        if event == "line" and not sent:
+            sent.append(frame.f_code.co_qualname)
+            os.kill(os.getpid(), signum)
+        return local
+
+    def tracer(frame, event, arg):
+        code = frame.f_code
+        if not sent and event == "call" and code.co_name == function and module in code.co_filename:
+            return local
+        return None
+
+    return tracer, sent

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from datafiles import TEXTS, error_line, expected, hf_args, read_documents, write_dataset, write_jsonl
-from dist_launch import ROOT
+from datafiles import TEXTS, deliver_signal_inside, error_line, expected, hf_args, read_documents, write_dataset, write_jsonl
+from dist_launch import ROOT, script_env
 from lns_megatron.data.merge import main as merge
 from lns_megatron.data.preprocess import main as preprocess
 
@@ -172,33 +172,69 @@ def test_incomplete_or_mixed_shards_are_refused(single_and_shards, corpus, token
     assert merge(["--input", str(shards), "--output-prefix", str(out), "--overwrite"]) == 0
 
 
-def test_interrupted_merge_leaves_no_final_files(tmp_path):
-    """SIGTERM mid-merge (a scheduler's preemption): nothing under the final names, no temporaries left."""
+def many_inputs(tmp_path, count):
+    """``count`` one-document datasets in tmp_path/in: a merge of them takes most of a second per 2000."""
     (tmp_path / "in").mkdir()
     one = write_dataset(str(tmp_path / "one"), [[1, 2, 3]])
-    for i in range(2000):  # most of a second of merging here (each input is opened, read and copied)
+    for i in range(count):
         for ext in (".bin", ".idx"):
             shutil.copyfile(one + ext, tmp_path / "in" / f"s{i:04d}{ext}")
+    return tmp_path / "in"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_inside_a_destructor_is_not_lost(tmp_path, capsys, signum):
+    """The signal lands inside megatron's _IndexReader.__del__ (where a raised KeyboardInterrupt is dropped):
+    the merge still stops, with exit code 130 and nothing written, and the previous handlers come back."""
+    inputs = many_inputs(tmp_path, 3)
+    tracer, sent = deliver_signal_inside(signum, "__del__", "indexed_dataset")
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    sys.settrace(tracer)
+    try:
+        code = merge(["--input", str(inputs), "--output-prefix", str(tmp_path / "out" / "m")])
+    finally:
+        sys.settrace(None)
+    err = capsys.readouterr().err
+    assert sent and sent[0].endswith("__del__"), sent
+    assert code == 130 and f"interrupted by {signal.Signals(signum).name}; no output was written" in err, err
+    assert os.listdir(tmp_path / "out") == []
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_interrupted_merge_leaves_no_final_files(tmp_path):
+    """SIGTERM mid-merge (a scheduler's preemption) to a real process: nothing under the final names, no
+    temporaries left. The landing is made certain: the merge is stopped (SIGSTOP) while its .bin is being
+    written and before its .idx exists (so before its last check), sent SIGTERM, and continued."""
+    inputs = many_inputs(tmp_path, 2000)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "merge_datasets.py"), "--input",
-                             str(tmp_path / "in"), "--output-prefix", str(tmp_path / "out" / "m")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    deadline = time.time() + 120
-    while not (tmp_path / "out").exists() or not any(".tmp-" in n for n in os.listdir(tmp_path / "out")):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
-        time.sleep(0.001)
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 130 and "interrupted; no output was written" in out, out
-    assert os.listdir(tmp_path / "out") == [], out
+    for attempt in range(5):  # a merge that got past its .bin before the stop landed is run again
+        out = tmp_path / f"out{attempt}"
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "merge_datasets.py"), "--input",
+                                 str(inputs), "--output-prefix", str(out / "m")],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        deadline = time.time() + 120
+        while not (out / "m.bin.tmp-" f"{proc.pid}").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGSTOP)
+        caught = not (out / f"m.idx.tmp-{proc.pid}").exists() and not (out / "m.bin").exists()
+        if caught:
+            proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGCONT)
+        output = proc.communicate(timeout=120)[0]
+        if caught:
+            break
+    assert caught, "the merge was never stopped while writing its .bin"
+    assert proc.returncode == 130 and "interrupted by SIGTERM; no output was written" in output, output
+    assert os.listdir(out) == [], output
 
 
 def test_slurm_array_script_local_mode(corpus, tokenizer_dir, single_and_shards, tmp_path):
     """examples/preprocess_slurm_array.sh, its steps run here: N shards then the merge, byte for byte one
     run; run again, it redoes only what is missing."""
     single, _ = single_and_shards
-    env = dict(os.environ, INPUT=str(corpus), OUTPUT=str(tmp_path / "corpus"), TOKENIZER_MODEL=tokenizer_dir,
-               SHARDS=str(SHARDS), WORKERS="1")
+    env = script_env(dict(os.environ, INPUT=str(corpus), OUTPUT=str(tmp_path / "corpus"), TOKENIZER_MODEL=tokenizer_dir,
+                          SHARDS=str(SHARDS), WORKERS="1"))
     script = os.path.join(ROOT, "examples", "preprocess_slurm_array.sh")
     proc = subprocess.run(["bash", script, "local"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

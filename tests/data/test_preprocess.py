@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from datafiles import TEXTS, error_line, expected, hf_args, read_documents, write_jsonl
+from datafiles import TEXTS, deliver_signal_inside, error_line, expected, hf_args, read_documents, write_jsonl
 from dist_launch import ROOT
 from lns_megatron.data.preprocess import main
 from lns_megatron.data.tokenizer import build_tokenizer
@@ -224,8 +224,29 @@ def test_interrupted_run_leaves_no_final_files(tmp_path, tokenizer_dir, signum, 
         time.sleep(0.01)
     proc.send_signal(signum)
     out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 130 and "interrupted; no output was written" in out, out
+    assert proc.returncode == 130 and f"interrupted by {signal.Signals(signum).name}; no output was written" in out, out
     assert sorted(os.listdir(tmp_path)) == ["big.jsonl"], out
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_inside_megatron_is_acted_on_at_a_safe_point(tmp_path, tokenizer_dir, capsys, signum):
+    """The signal lands inside megatron-core's IndexedDatasetBuilder.add_document: the handler only records
+    it, the run stops at its next check with exit code 130 and nothing written, and the previous handlers
+    come back."""
+    write_jsonl(tmp_path / "a.jsonl", TEXTS * 400)
+    tracer, sent = deliver_signal_inside(signum, "add_document", "indexed_dataset")
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    sys.settrace(tracer)
+    try:
+        code = main(["--input", str(tmp_path / "a.jsonl"), "--output-prefix", str(tmp_path / "o"),
+                     *hf_args(tokenizer_dir)])
+    finally:
+        sys.settrace(None)
+    err = capsys.readouterr().err
+    assert sent == ["IndexedDatasetBuilder.add_document"], sent
+    assert code == 130 and f"interrupted by {signal.Signals(signum).name}; no output was written" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["a.jsonl"]
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
 def test_missing_tokenizer_and_input(tmp_path, capsys):
