@@ -11,6 +11,7 @@
 # examples/pretrain_gpt_lns.sh (so NNODES, DATA_PATH, PRESET, RECIPE, ... apply); extra arguments go to
 # every run (e.g. --mix-ln-alpha, --dyt-alpha-init). A finished run is skipped, an interrupted one resumed.
 set -euo pipefail
+export PYTHON=${PYTHON:-python}  # the interpreter with torch and lns_megatron (a venv's, say), for every run
 cd "$(dirname "$0")/.."
 AB_DIR=${AB_DIR:-runs/ab}
 SCHEMES=${SCHEMES:-pre lns peri peri-lns post mix deepnorm dyt bhyt}
@@ -30,5 +31,5 @@ for arm in $ARMS; do
             bash examples/pretrain_gpt_lns.sh --seed "$seed" "$@"
     done
 done
-python tools/ab_summary.py --runs "$AB_DIR" --num-samples "${NUM_SAMPLES:-32}"
+"$PYTHON" tools/ab_summary.py --runs "$AB_DIR" --num-samples "${NUM_SAMPLES:-32}"
 echo "TensorBoard: tensorboard --logdir $AB_DIR"

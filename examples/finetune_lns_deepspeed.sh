@@ -12,6 +12,7 @@
 # ZERO=3 selects examples/ds_zero3.json. Extra arguments go to lns_megatron.finetune and override these.
 # Without a GPU it runs on the CPU (DeepSpeed's CPU accelerator, gloo), GPUS_PER_NODE processes per node.
 set -euo pipefail
+PYTHON=${PYTHON:-python}  # the interpreter with torch and lns_megatron (a venv's, say)
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"  # paths you give stay relative to where you run it
 
 : "${MODEL:?set MODEL to a Hugging Face model directory (tools/export_hf.py --keep-lns writes one)}"
@@ -21,7 +22,7 @@ ZERO=${ZERO:-2}
 OUTPUT_DIR=${OUTPUT_DIR:-runs/sft-${NORM_SCHEME}}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
-if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+if "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     GPUS_PER_NODE=${GPUS_PER_NODE:-8}
     PRECISION_ARGS=(--bf16)
 else
@@ -31,7 +32,7 @@ fi
 DS_CONFIG="$ROOT/examples/ds_zero${ZERO}.json"
 [ -f "$DS_CONFIG" ] || { echo "finetune_lns_deepspeed.sh: ZERO=$ZERO: no $DS_CONFIG (use 2 or 3)" >&2; exit 2; }
 
-LAUNCH=(deepspeed --num_gpus "$GPUS_PER_NODE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+LAUNCH=("$PYTHON" -m deepspeed.launcher.runner --num_gpus "$GPUS_PER_NODE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
 if [ -n "${HOSTFILE:-}" ]; then
     LAUNCH+=(--hostfile "$HOSTFILE")
     if [ -n "${NODE_RANK:-}" ]; then

@@ -13,6 +13,7 @@
 # task leaves nothing that looks complete; re-running the script redoes only what is missing.
 # Extra sbatch flags: SBATCH_ARGS="--partition cpu --time 4:00:00". One --json-keys key per run (KEY).
 set -euo pipefail
+PYTHON=${PYTHON:-python}  # the interpreter with torch and lns_megatron (a venv's, say)
 
 : "${INPUT:?set INPUT to the corpus: a file, a glob or a directory}"
 : "${OUTPUT:?set OUTPUT to the output prefix, e.g. /shared/data/corpus}"
@@ -30,13 +31,13 @@ shard() {  # shard I: skipped when a previous run already finished it
         echo "shard $1/$SHARDS: done before (${prefix}_${KEY}_document.idx)"
         return
     fi
-    python "$REPO/tools/preprocess_data.py" --input "$INPUT" --shard "$1/$SHARDS" --json-keys "$KEY" \
+    "$PYTHON" "$REPO/tools/preprocess_data.py" --input "$INPUT" --shard "$1/$SHARDS" --json-keys "$KEY" \
         --output-prefix "$prefix" --tokenizer-type "$TOKENIZER_TYPE" --tokenizer-model "$TOKENIZER_MODEL" \
         --append-eod --workers "$WORKERS" ${PREPROCESS_ARGS:-}
 }
 
 merge() {
-    python "$REPO/tools/merge_datasets.py" --input "$SHARD_DIR" --output-prefix "${OUTPUT}_${KEY}_document" --overwrite
+    "$PYTHON" "$REPO/tools/merge_datasets.py" --input "$SHARD_DIR" --output-prefix "${OUTPUT}_${KEY}_document" --overwrite
 }
 
 case "${1:-submit}" in

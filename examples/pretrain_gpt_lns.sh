@@ -10,9 +10,10 @@
 # optimizer, overlapped gradient reduce and parameter gather; sized for 8xH100 per node.
 # Without a GPU: the tiny preset on the CPU (gloo), so this script runs on any machine.
 set -euo pipefail
+PYTHON=${PYTHON:-python}  # the interpreter with torch and lns_megatron (a venv's, say)
 cd "$(dirname "$0")/.."
 
-if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+if "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     HAVE_GPU=1
 else
     HAVE_GPU=0
@@ -40,7 +41,7 @@ if [ "$HAVE_GPU" = 1 ]; then
     TRAIN_ITERS=${TRAIN_ITERS:-20000}
     VOCAB_SIZE=${VOCAB_SIZE:-32000}
     PRECISION_ARGS=(--bf16)
-    if [ "${FP8:-1}" = 1 ] && python -c "import transformer_engine" 2>/dev/null; then
+    if [ "${FP8:-1}" = 1 ] && "$PYTHON" -c "import transformer_engine" 2>/dev/null; then
         PRECISION_ARGS+=(--transformer-impl transformer_engine --fp8-format hybrid --fp8-recipe delayed
                          --fp8-amax-history-len 1024)
     fi
@@ -91,7 +92,7 @@ if [ -f "$CHECKPOINT_DIR/latest_checkpointed_iteration.txt" ]; then
     EVAL_AND_LOGGING_ARGS+=(--load "$CHECKPOINT_DIR")  # resume
 fi
 
-exec python -m torch.distributed.run \
+exec "$PYTHON" -m torch.distributed.run \
     --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
     -m lns_megatron.pretrain \

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from dist_launch import ROOT
+from dist_launch import ROOT, script_env
 from lns_megatron.diagnostics import ab
 from lns_megatron.training.distributed import free_port
 
@@ -20,7 +20,7 @@ def run_ab(script, root, **env):
                PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), **env)
     proc = subprocess.run(["bash", os.path.join(ROOT, "examples", script), "--seq-length", "32",
                            "--max-position-embeddings", "32", "--eval-interval", "2", "--log-interval", "2"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                          cwd=ROOT, env=script_env(env), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc.stdout
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from dist_launch import ROOT
+from dist_launch import ROOT, script_env
 from lns_megatron.hf import apply_layernorm_scaling, from_pretrained
 from lns_megatron.hf.finetune import (IGNORE_INDEX, Collator, FinetuneError, finetune, main, parse_args,
                                       read_examples, tokenize)
@@ -154,6 +154,7 @@ def run_example(env, flags, node_ranks=(None,)):
     base = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
                 PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), **env)
     script = os.path.join(ROOT, "examples", "finetune_lns_deepspeed.sh")
+    base = script_env(base)
     procs = [subprocess.Popen(["bash", script, *flags], env=base if rank is None else dict(base, NODE_RANK=str(rank)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in node_ranks]
     outputs = [p.communicate(timeout=600)[0] for p in procs]

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from dist_launch import ROOT
+from dist_launch import ROOT, script_env
 from driver import (COMMON, MOCK, data_flags, driver_error, learnable_documents, logged_losses, read_tensorboard,
                     run_driver, write_dataset)
 from lns_megatron.config import ConfigError, build_parser, parse_args
@@ -73,7 +73,7 @@ def test_two_node_launch_on_one_machine(tmp_path):
                PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     script = os.path.join(ROOT, "examples", "pretrain_gpt_lns.sh")
     extra = ["--log-interval", "2", "--seq-length", "32", "--max-position-embeddings", "32", "--train-iters", "4"]
-    nodes = [subprocess.Popen(["bash", script, *extra], env=dict(env, NODE_RANK=str(rank)), cwd=ROOT,
+    nodes = [subprocess.Popen(["bash", script, *extra], env=script_env(dict(env, NODE_RANK=str(rank))), cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     outs = [n.communicate(timeout=600)[0] for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
