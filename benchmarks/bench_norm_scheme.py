@@ -62,14 +62,19 @@ def sync():
         torch.cuda.synchronize()
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
+    """This script's own flags; the rest go to the driver's parser (lns_megatron.config)."""
     ap = argparse.ArgumentParser(add_help=False)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps-per-round", type=int, default=5)
     ap.add_argument("--warmup-steps", type=int, default=3)
     ap.add_argument("--json", help="also write the figures to this JSON file")
     ap.add_argument("--schemes", default="pre,lns", help="comma-separated --norm-scheme values (pre is added)")
-    own, rest = ap.parse_known_args()
+    return ap
+
+
+def main():
+    own, rest = build_parser().parse_known_args()
     schemes = ["pre"] + [s for s in own.schemes.split(",") if s and s != "pre"]
     if "--mock-data" not in rest and "--data-path" not in rest:
         rest += ["--mock-data"] + ([] if "--vocab-size" in rest else ["--vocab-size", "32000"])

@@ -201,7 +201,7 @@ def split_corpus(corpus, directory, parts):
             out.writelines(lines[i * len(lines) // parts:(i + 1) * len(lines) // parts])
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--megatron-lm", help="a Megatron-LM checkout (its tools/preprocess_data.py), e.g. core_v0.16.1")
     ap.add_argument("--docs", type=int, default=50000, help="synthetic documents (without --corpus/--text-corpus-mb)")
@@ -213,7 +213,11 @@ def main():
     ap.add_argument("--shards", default="", help="comma-separated shard counts to time, e.g. 1,2,4")
     ap.add_argument("--tokenizer-type", default="HuggingFaceTokenizer", choices=["HuggingFaceTokenizer", "GPT2BPETokenizer"])
     ap.add_argument("--memory", action="store_true", help="also measure our peak memory at 1x and 4x the corpus")
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    args = build_parser().parse_args()
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     work = tempfile.mkdtemp(prefix="bench_preprocess_")

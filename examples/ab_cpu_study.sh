@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The Pre-LN/LNS comparison published in the README, as run on a 2-core CPU machine: four arms (each norm
+# The Pre-LN/LNS comparison published in docs/results.md, as run on a 2-core CPU machine: four arms (each norm
 # scheme under both output-layer inits), two seeds each, the paper's recipe, a real-text corpus.
 #
 #   apt-get install python3.11-doc && python examples/prepare_docs_corpus.py --output data/pydocs
 #   bash examples/ab_cpu_study.sh            # 8 runs x about 6 minutes (2 cores); results in runs/ab_cpu/summary
 #   SCHEMES="pre lns peri peri-lns post mix deepnorm dyt bhyt" HIDDEN_SIZE=64 FFN_HIDDEN_SIZE=176 TRAIN_ITERS=300 \
-#       AB_DIR=runs/ab_cpu_all bash examples/ab_cpu_study.sh   # every scheme, at the size of the README's second table
+#       AB_DIR=runs/ab_cpu_all bash examples/ab_cpu_study.sh   # every scheme, at the size of docs/results.md's second table
 #
 # The model (12 layers x 128, SwiGLU, RoPE, untied embeddings, 4.5M parameters) and the budget (400
 # iterations of 16 x 128 tokens, 0.8M tokens, under one epoch of the corpus) are what this machine trains in

@@ -33,14 +33,18 @@ def documents(root: str, doc_chars: int):
             yield "\n\n".join(chunk)
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sources", default=SOURCES)
     p.add_argument("--output", default="data/pydocs")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--doc-chars", type=int, default=2000)
     p.add_argument("--workers", type=int, default=2)
-    args = p.parse_args()
+    return p
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     if not os.path.isdir(args.sources):
         print(f"prepare_docs_corpus: {args.sources} not found; install it with `apt-get install python3.11-doc` "
               "or pass --sources DIR", file=sys.stderr)

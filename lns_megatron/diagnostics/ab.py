@@ -257,15 +257,19 @@ def write(summary: dict, output: str) -> str:
     return output
 
 
-def main(argv=None) -> int:
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ab_summary", description=__doc__.splitlines()[0])
     p.add_argument("--runs", required=True, help="AB_DIR of examples/ab_norm_schemes.sh (ARM/seedS/{ckpt,tb})")
     p.add_argument("--output", help="summary directory (default: RUNS/summary)")
     p.add_argument("--num-samples", type=int, default=32, help="held-out windows for the depth metrics")
     p.add_argument("--seed", type=int, default=4321, help="seed of the windows' random draw")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+    args = build_parser().parse_args(argv)
     from lns_megatron.training import distributed
 
     try:

@@ -320,7 +320,7 @@ def step_plan(run: Run):
          [PY, "tools/gpu/driver_check.py", *json_md("driver_local"), *dry], None),
         ("bench_local", "LNS vs Pre-LN with the local spec (no TE)", 90 if run.dry else 180,
          bench_cmd(run, "bench_local", *(TINY_BENCH if run.dry else LLAMA_1B_BENCH + ["--rounds", "3", "--steps-per-round", "3"]))
-         if not te else None, "TE mode: the local spec is measured when TE is missing (benchmarks/RESULTS.md has its H100 figures)"),
+         if not te else None, "TE mode: the local spec is measured when TE is missing (docs/results.md has its H100 figures)"),
         ("depth24", "24 layers: Pre-LN / LNS x plain / depth-scaled output init", 90 if run.dry else 300,
          [PY, "tools/gpu/depth_compare.py", *json_md("depth24"), *dry, *data,
           "--impl", "transformer_engine" if te else "local"], None),
@@ -432,7 +432,7 @@ def summary_markdown(s, out):
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="run_checks.sh", description=__doc__.split("\n\n")[0])
     ap.add_argument("out", help="results folder (the GPU tool's $OUT)")
     ap.add_argument("--dry-run", action="store_true", help="every step at tiny sizes on a CPU; CUDA/TE steps skip")
@@ -443,7 +443,11 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, help="seconds for the whole run (default 450; dry run 300)")
     ap.add_argument("--no-te", action="store_true", help="run the no-TE checks only")
     ap.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps (after kit and env)")
-    run = Run(ap.parse_args(argv))
+    return ap
+
+
+def main(argv=None) -> int:
+    run = Run(build_parser().parse_args(argv))
     run.say(f"{'dry run' if run.dry else 'GPU run'}, results in {run.out}, {run.left():.0f} s budget")
     kit_phase(run)
     env_phase(run)

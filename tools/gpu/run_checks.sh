@@ -5,7 +5,7 @@
 #   bash tools/gpu/run_checks.sh --dry-run OUT   # every step at tiny sizes on a CPU (CI)
 #
 # Results: OUT/summary.md, OUT/summary.json, OUT/<step>.json and .md, OUT/logs/<step>.log.
-# See tools/gpu/checks.py for the steps, and the README's "GPU checks" section for the procedure.
+# See tools/gpu/checks.py for the steps, and docs/gpu.md for the procedure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 exec "${PYTHON:-python3}" tools/gpu/checks.py "$@"
