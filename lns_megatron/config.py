@@ -9,6 +9,7 @@ naming the flag and the fix.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import json
 import math
@@ -26,6 +27,15 @@ PRESETS = {
     "llama-350m": dict(hidden_size=1024, num_layers=24, num_attention_heads=16, ffn_hidden_size=2736),
     "llama-1b": dict(hidden_size=2048, num_layers=24, num_attention_heads=32, ffn_hidden_size=5461),
     "llama-7b": dict(hidden_size=4096, num_layers=32, num_attention_heads=32, ffn_hidden_size=11008),
+    # Mixture of experts. tiny-moe: tiny's shape with 4 experts of half tiny's MLP, top-2, so that its active
+    # parameters equal tiny's. olmoe-1b-7b: OLMoE-1B-7B's shape (Muennighoff et al. 2024; 16 layers, 64 experts
+    # of 1024, top-8, QK-norm, 4096 context, aux loss 0.01, z-loss 0.001): about 1.3B active of 6.9B parameters.
+    "tiny-moe": dict(hidden_size=64, num_layers=4, num_attention_heads=4, ffn_hidden_size=172, seq_length=64,
+                     max_position_embeddings=64, num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=86,
+                     moe_aux_loss_coeff=0.01),
+    "olmoe-1b-7b": dict(hidden_size=2048, num_layers=16, num_attention_heads=16, ffn_hidden_size=1024,
+                        seq_length=4096, max_position_embeddings=4096, qk_layernorm=True, num_experts=64,
+                        moe_router_topk=8, moe_ffn_hidden_size=1024, moe_aux_loss_coeff=0.01, moe_z_loss_coeff=0.001),
 }
 LLAMA_ARCH = dict(normalization="RMSNorm", swiglu=True, disable_bias_linear=True, position_embedding_type="rope",
                   untie_embeddings_and_output_weights=True, seq_length=1024, max_position_embeddings=1024)
@@ -118,6 +128,28 @@ class PretrainConfig:
     bhyt_lambda_init: float = _flag("--norm-scheme bhyt: the initial lambda of every BHyT", 2.0, **POSITIVE)
     bhyt_lambda_init_mlp: Optional[float] = _flag("--norm-scheme bhyt: the initial lambda before the MLP (default "
                                                   "--bhyt-lambda-init; the paper's released runs: 1.0)", **POSITIVE)
+    # Mixture of experts (Megatron-LM's flags; megatron-core's MoELayer, router and token dispatchers)
+    num_experts: Optional[int] = _flag("experts per MoE layer (default: a dense MLP in every layer)", above=1)
+    moe_router_topk: int = _flag("experts each token is routed to", 2, **POSITIVE)
+    moe_ffn_hidden_size: Optional[int] = _flag("hidden size of each expert's MLP (default: --ffn-hidden-size)",
+                                               **POSITIVE)
+    moe_layer_freq: str = _flag("which layers are MoE: N for every N-th layer from the first, or a 0/1 list per "
+                                "layer such as '([0]+[1]*3)*2' or '[0,1,1,1]'", "1")
+    moe_shared_expert_intermediate_size: Optional[int] = _flag("hidden size of the shared expert every token goes "
+                                                               "through (default: none)", **POSITIVE)
+    moe_router_score_function: str = _flag("router scores", "softmax", choices=["softmax", "sigmoid"])
+    moe_router_pre_softmax: bool = _flag("softmax over all experts before the top-k (needed for top-1)", False)
+    moe_router_load_balancing_type: str = _flag("the load-balancing loss: per micro-batch (aux_loss), per sequence "
+                                                "(seq_aux_loss), over the global batch (global_aux_loss), "
+                                                "sinkhorn routing, or none", "aux_loss",
+                                                choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn",
+                                                         "none"])
+    moe_aux_loss_coeff: float = _flag("weight of the load-balancing loss", 0.0, **NON_NEGATIVE)
+    moe_z_loss_coeff: Optional[float] = _flag("weight of the router z-loss (default: none)", **NON_NEGATIVE)
+    moe_token_dispatcher_type: str = _flag("how tokens reach their experts' ranks", "allgather",
+                                           choices=["allgather", "alltoall"])
+    moe_grouped_gemm: bool = _flag("run a rank's experts as one grouped GEMM (Transformer Engine's TEGroupedMLP)",
+                                   False)
     make_vocab_size_divisible_by: int = _flag("pad the vocabulary to a multiple of this times TP", 128, **POSITIVE)
     # Batches and schedule
     micro_batch_size: int = _flag("samples per micro-batch per GPU", 1, **POSITIVE)
@@ -145,6 +177,10 @@ class PretrainConfig:
     tensor_model_parallel_size: int = _flag("tensor parallel size", 1, at_least=1)
     pipeline_model_parallel_size: int = _flag("pipeline parallel size", 1, at_least=1)
     num_layers_per_virtual_pipeline_stage: Optional[int] = _flag("layers per virtual stage (interleaved 1F1B)", at_least=1)
+    expert_model_parallel_size: int = _flag("expert parallel size: the experts are split over this many ranks", 1,
+                                            at_least=1)
+    expert_tensor_parallel_size: Optional[int] = _flag("tensor parallel size inside each expert (default: "
+                                                       "--tensor-model-parallel-size)", at_least=1)
     sequence_parallel: bool = _flag("sequence parallelism (needs TP > 1)", False)
     use_distributed_optimizer: bool = _flag("shard optimizer state over data parallel ranks", False)
     overlap_grad_reduce: bool = _flag("overlap the gradient reduce with backward", False)
@@ -309,6 +345,57 @@ def unused_scheme_flags(c: PretrainConfig) -> List[str]:
             if c.norm_scheme != scheme and getattr(c, name) != PretrainConfig.__dataclass_fields__[name].default]
 
 
+# Flags that only an MoE model (--num-experts) reads.
+MOE_FLAGS = ("moe_router_topk", "moe_ffn_hidden_size", "moe_layer_freq", "moe_shared_expert_intermediate_size",
+             "moe_router_score_function", "moe_router_pre_softmax", "moe_router_load_balancing_type",
+             "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_token_dispatcher_type", "moe_grouped_gemm",
+             "expert_model_parallel_size", "expert_tensor_parallel_size")
+
+
+def unused_moe_flags(c: PretrainConfig) -> List[str]:
+    """The MoE flags set away from their defaults in a dense run (said at start-up, not refused, so that a
+    dense/MoE comparison can share one command line; expert parallelism without experts is refused)."""
+    if c.num_experts is not None:
+        return []
+    return [flag_name(name) for name in MOE_FLAGS
+            if getattr(c, name) != PretrainConfig.__dataclass_fields__[name].default]
+
+
+def _list_expression(node):
+    """A 0/1 list from Megatron-LM's --moe-layer-freq syntax: list literals joined by + and repeated by *."""
+    if isinstance(node, ast.List):
+        return [_list_expression(e) for e in node.elts]
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+        left, right = _list_expression(node.left), _list_expression(node.right)
+        return left + right if isinstance(node.op, ast.Add) else left * right
+    raise ValueError(ast.dump(node))
+
+
+def moe_layer_pattern(freq: str, num_layers: int) -> List[int]:
+    """--moe-layer-freq as one 0/1 per layer (1: MoE): an integer N makes every N-th layer MoE from the first,
+    as in Megatron-LM; a list gives each layer. A ConfigError names the flag otherwise."""
+    flag = f"--moe-layer-freq {freq!r}"
+    text = str(freq).strip()
+    if text.isdigit():
+        every = int(text)
+        if every < 1:
+            raise ConfigError(f"{flag}: every N-th layer needs N >= 1")
+        return [1 if i % every == 0 else 0 for i in range(num_layers)]
+    try:
+        pattern = _list_expression(ast.parse(text, mode="eval").body)
+    except (SyntaxError, ValueError, TypeError, RecursionError):
+        pattern = None
+    if not isinstance(pattern, list) or any(v not in (0, 1) or type(v) is not int for v in pattern):
+        raise ConfigError(f"{flag}: give an integer N or a list of 0 (dense) and 1 (MoE), e.g. '([0]+[1]*3)*2'")
+    if len(pattern) != num_layers:
+        raise ConfigError(f"{flag} has {len(pattern)} entries for --num-layers {num_layers}; give one per layer")
+    if not any(pattern):
+        raise ConfigError(f"{flag} makes no layer MoE; leave --num-experts out for a dense model")
+    return pattern
+
+
 def fill_defaults(c: PretrainConfig) -> None:
     if c.ffn_hidden_size is None and c.hidden_size is not None:
         c.ffn_hidden_size = 4 * c.hidden_size
@@ -322,6 +409,11 @@ def fill_defaults(c: PretrainConfig) -> None:
         c.output_layer_init = "scaled"
     if c.lr_warmup_fraction is not None and c.lr_decay_iters is not None:  # Megatron-LM: a fraction of the decay
         c.lr_warmup_iters = int(c.lr_warmup_fraction * c.lr_decay_iters)
+    if c.num_experts is not None:
+        if c.moe_ffn_hidden_size is None:
+            c.moe_ffn_hidden_size = c.ffn_hidden_size
+        if c.expert_tensor_parallel_size is None:  # Megatron-LM: experts split like the dense layers
+            c.expert_tensor_parallel_size = c.tensor_model_parallel_size
 
 
 def check_bounds(c: PretrainConfig) -> None:
@@ -413,6 +505,12 @@ def validate(c: PretrainConfig, cuda_available: bool, have_te: bool) -> None:
     if c.fp8_format:
         need(c.transformer_impl == "transformer_engine", "--fp8-format needs --transformer-impl transformer_engine")
         need(c.bf16, "--fp8-format needs --bf16 for the non-FP8 parts")
+    if c.num_experts is None:
+        for name in ("expert_model_parallel_size", "expert_tensor_parallel_size"):
+            need(getattr(c, name) in (None, 1), f"{flag_name(name)} {getattr(c, name)} needs --num-experts: a dense "
+                 "model has no experts to split")
+    else:
+        validate_moe(c, cuda_available, have_te)
     need(c.min_lr <= c.lr, f"--min-lr {c.min_lr} is above --lr {c.lr}; lower --min-lr")
     need(c.lr_warmup_iters < c.lr_decay_iters,
          f"--lr-warmup-iters {c.lr_warmup_iters} must be smaller than the decay length {c.lr_decay_iters} "
@@ -432,3 +530,45 @@ def validate(c: PretrainConfig, cuda_available: bool, have_te: bool) -> None:
          "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are exclusive; choose one")
     if c.load is not None:
         need(os.path.isdir(c.load), f"--load {c.load}: no such directory; give the --save directory of an earlier run")
+
+
+def validate_moe(c: PretrainConfig, cuda_available: bool, have_te: bool) -> None:
+    """The MoE flags, each problem one line (megatron-core would otherwise fail later, some of them inside the
+    first forward pass)."""
+    from lns_megatron.schemes import NORM_SCHEMES
+
+    def need(ok, message):
+        if not ok:
+            raise ConfigError(message)
+
+    n, ep, pp = c.num_experts, c.expert_model_parallel_size, c.pipeline_model_parallel_size
+    tp, etp = c.tensor_model_parallel_size, c.expert_tensor_parallel_size or c.tensor_model_parallel_size
+    scheme = NORM_SCHEMES[c.norm_scheme]
+    need(scheme.moe, f"--num-experts with --norm-scheme {c.norm_scheme}: {scheme.no_moe_reason}; use --norm-scheme "
+         "pre, lns, dyt or bhyt with MoE")
+    need(not c.hybrid_layer_pattern, "--num-experts with --hybrid-layer-pattern: MoE layers are not mapped onto "
+         "HybridModel's pattern here; leave --hybrid-layer-pattern out (GPTModel builds the MoE layers)")
+    need(n % ep == 0, f"--num-experts {n} is not divisible by --expert-model-parallel-size {ep}; choose an "
+         "expert-parallel size that divides the experts")
+    need(c.moe_router_topk <= n, f"--moe-router-topk {c.moe_router_topk} is more than --num-experts {n}")
+    need(c.world_size % (etp * ep * pp) == 0,
+         f"world size {c.world_size} is not divisible by --expert-tensor-parallel-size {etp} x "
+         f"--expert-model-parallel-size {ep} x --pipeline-model-parallel-size {pp}; launch a multiple of "
+         f"{etp * ep * pp} processes")
+    need(tp == 1 or c.sequence_parallel, f"--num-experts with --tensor-model-parallel-size {tp} needs "
+         "--sequence-parallel (megatron-core's MoE layer refuses tensor parallelism without it in training)")
+    need(c.moe_router_topk > 1 or c.moe_router_pre_softmax or c.moe_router_load_balancing_type == "sinkhorn",
+         "--moe-router-topk 1 needs --moe-router-pre-softmax (a softmax over one expert has zero gradient)")
+    need(c.disable_bias_linear or etp == 1, f"--expert-tensor-parallel-size {etp}: megatron-core supports biases in "
+         "experts only at 1; add --disable-bias-linear or use --expert-tensor-parallel-size 1")
+    if c.moe_grouped_gemm:
+        if c.transformer_impl == "local":
+            import importlib.util
+
+            need(cuda_available and importlib.util.find_spec("grouped_gemm") is not None,
+                 "--moe-grouped-gemm with --transformer-impl local needs a CUDA GPU and the grouped_gemm package "
+                 "(megatron-core's GroupedMLP); use --transformer-impl transformer_engine (TEGroupedMLP), or leave "
+                 "--moe-grouped-gemm out (one GEMM per expert)")
+    pattern = moe_layer_pattern(c.moe_layer_freq, c.num_layers)
+    if not str(c.moe_layer_freq).strip().isdigit():  # one spelling per pattern, for the resume check
+        c.moe_layer_freq = str(pattern).replace(" ", "")

@@ -7,7 +7,9 @@ megatron-core 0.16 assumes CUDA in a handful of places (measured on torch 2.13 C
 - ``device="cuda"`` is hard-coded in the schedules, ``FP32Optimizer`` and gradient clipping;
 - gradient clipping asserts ``grad.type() == "torch.cuda.FloatTensor"``;
 - p2p communication calls ``torch.cuda.synchronize()``;
-- (0.19) the gradient buffers wait on ``torch.cuda.current_stream()`` before reducing.
+- (0.19) the gradient buffers wait on ``torch.cuda.current_stream()`` before reducing;
+- the MoE all-to-all token dispatcher copies its split sizes to the host on a ``torch.cuda.Stream`` of its own,
+  as numpy arrays; on the CPU they stay tensors, which ``all_to_all_single`` does not take.
 
 :func:`enable` points each of these at the CPU so that ``GPTModel``, megatron DDP, the
 distributed optimizer and the pipeline schedules run with the gloo backend. It is a test
@@ -17,6 +19,8 @@ never applied at import time.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -36,7 +40,11 @@ _mode: "_CudaToCpu | None" = None
 
 
 class _CpuStream:
-    """``torch.cuda.current_stream()`` on the CPU: work is synchronous, so there is nothing to wait for."""
+    """``torch.cuda.current_stream()`` and ``torch.cuda.Stream()`` on the CPU: work is synchronous, so there is
+    nothing to wait for."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
 
     def wait_event(self, event) -> None:
         pass
@@ -45,6 +53,12 @@ class _CpuStream:
         pass
 
     def synchronize(self) -> None:
+        pass
+
+    def record_event(self, event=None) -> "_CpuStream":
+        return self  # an event that is already complete: synchronize() and wait() return at once
+
+    def wait(self, stream=None) -> None:
         pass
 
 
@@ -105,11 +119,22 @@ def enable() -> bool:
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda device=None: None
     torch.cuda.current_stream = lambda device=None: _CPU_STREAM
+    torch.cuda.Stream = _CpuStream  # a class still, for annotations such as `torch.cuda.Stream | None`
+    torch.cuda.stream = lambda stream: contextlib.nullcontext()
     torch.cuda.get_rng_state = cpu_rng_state
     torch.cuda.set_rng_state = set_cpu_rng_state
     torch.cuda.manual_seed = torch.manual_seed
     tp_random._get_cuda_rng_state = cpu_rng_state
     tp_random._set_cuda_rng_state = set_cpu_rng_state
+
+    all_to_all_single = torch.distributed.all_to_all_single
+
+    def all_to_all_single_with_list_splits(output, input, output_split_sizes=None, input_split_sizes=None, *args,
+                                           **kwargs):
+        splits = [s.tolist() if torch.is_tensor(s) else s for s in (output_split_sizes, input_split_sizes)]
+        return all_to_all_single(output, input, *splits, *args, **kwargs)
+
+    torch.distributed.all_to_all_single = all_to_all_single_with_list_splits
 
     _mode = _CudaToCpu()
     _mode.__enter__()  # stays pushed for the life of the process

@@ -74,6 +74,20 @@ def driver_error(*args, nproc=1):
     return errors[0]
 
 
+def resume_error(*argv, world_size=1, monkeypatch=None):
+    """The ConfigError the driver's start-up checks (flags, then the --load checkpoint) raise for ``argv``."""
+    import pytest
+
+    from lns_megatron.config import ConfigError, parse_args
+    from lns_megatron.training.train import prepare_resume
+
+    if monkeypatch is not None:
+        monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    with pytest.raises(ConfigError) as error:
+        prepare_resume(parse_args([str(a) for a in argv]))
+    return str(error.value)
+
+
 def logged(output, field):
     """{iteration: value} of one field of the iteration lines (e.g. "lm loss", "learning rate")."""
     pattern = rf"iteration\s+(\d+)/\s*\d+ \|.*?{re.escape(field)}: (\S+) \|"

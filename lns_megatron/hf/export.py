@@ -48,6 +48,10 @@ ARCHITECTURE_NAMES = {"llama": "Llama", "gemma2": "Gemma 2"}
 def check_exportable(c: PretrainConfig, model=None, keep_lns: bool = False) -> str:
     """The Hugging Face architecture of the checkpoint (``"llama"`` or ``"gemma2"``); what has no exact form in
     it is refused with the reason and the fix."""
+    if getattr(c, "num_experts", None):
+        raise ExportError(f"cannot export to Hugging Face: the checkpoint is a mixture of experts (--num-experts "
+                          f"{c.num_experts}); the Llama and Gemma 2 exports are dense, and no MoE architecture is "
+                          "mapped yet (export the dense runs, or load the checkpoint with the driver)")
     architecture = HF_ARCHITECTURES.get(c.norm_scheme)
     if architecture is None:
         raise ExportError(f"cannot export to Hugging Face: the checkpoint uses --norm-scheme {c.norm_scheme}; only "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from typing import Optional
 
@@ -9,11 +10,12 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import init_method_normal, scaled_init_method_normal
 
-from lns_megatron import cpu
-from lns_megatron.config import PretrainConfig
+from lns_megatron import compat, cpu
+from lns_megatron.config import PretrainConfig, moe_layer_pattern
 from lns_megatron.models.specs import get_gpt_lns_block_spec, get_gpt_lns_layer_spec
 from lns_megatron.schemes import NORM_SCHEMES
 from lns_megatron.schemes.tanh import DyTGPTModel
@@ -82,6 +84,23 @@ def transformer_config(c: PretrainConfig) -> TransformerConfig:
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         use_cpu_initialization=not torch.cuda.is_available(),
+        **moe_settings(c),
+    )
+
+
+def moe_settings(c: PretrainConfig) -> dict:
+    """The MoE flags as TransformerConfig fields (none for a dense model)."""
+    if c.num_experts is None:
+        return {}
+    return dict(
+        num_moe_experts=c.num_experts, moe_router_topk=c.moe_router_topk, moe_ffn_hidden_size=c.moe_ffn_hidden_size,
+        moe_layer_freq=moe_layer_pattern(c.moe_layer_freq, c.num_layers),
+        moe_shared_expert_intermediate_size=c.moe_shared_expert_intermediate_size,
+        moe_router_score_function=c.moe_router_score_function, moe_router_pre_softmax=c.moe_router_pre_softmax,
+        moe_router_load_balancing_type=c.moe_router_load_balancing_type, moe_aux_loss_coeff=c.moe_aux_loss_coeff,
+        moe_z_loss_coeff=c.moe_z_loss_coeff, moe_token_dispatcher_type=c.moe_token_dispatcher_type,
+        moe_grouped_gemm=c.moe_grouped_gemm, expert_model_parallel_size=c.expert_model_parallel_size,
+        expert_tensor_parallel_size=c.expert_tensor_parallel_size,
     )
 
 
@@ -127,7 +146,14 @@ def build_gpt_model(
     vp_stage: Optional[int] = None,
 ) -> GPTModel:
     """One model chunk for this pipeline rank (and virtual stage ``vp_stage``)."""
-    if norm_scheme == "pre":  # megatron-core's own layer and final norm: the baseline, unchanged
+    if config.num_moe_experts:
+        compat.moe_router_without_te()
+    if norm_scheme == "pre" and (config.num_moe_experts or config.multi_latent_attention):
+        # megatron-core's own MoE / MLA block: the baseline, unchanged
+        spec = get_gpt_decoder_block_spec(dataclasses.replace(config, qk_layernorm=qk_layernorm),
+                                          use_transformer_engine=transformer_impl == "transformer_engine",
+                                          normalization=config.normalization, vp_stage=vp_stage)
+    elif norm_scheme == "pre":  # megatron-core's own layer and final norm: the baseline, unchanged
         spec = get_gpt_lns_layer_spec(transformer_impl=transformer_impl, norm_scheme="pre",
                                       normalization=config.normalization, qk_layernorm=qk_layernorm)
     else:

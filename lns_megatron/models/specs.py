@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal, Optional, Tuple
+from typing import List, Literal, Optional, Tuple
 
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
@@ -26,6 +26,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from lns_megatron.config import moe_layer_pattern
 from lns_megatron.schemes import NORM_SCHEMES as _SCHEMES
 from lns_megatron.schemes import norm_scheme as _norm_scheme
 from lns_megatron.schemes import peri, post
@@ -75,6 +76,10 @@ def get_gpt_lns_layer_spec(
     if normalization not in ("RMSNorm", "LayerNorm"):
         raise ValueError(f"get_gpt_lns_layer_spec: normalization={normalization!r}; choose RMSNorm or LayerNorm")
 
+    if transformer_impl == "local" and spec_kwargs.get("multi_latent_attention"):
+        raise ValueError("get_gpt_lns_layer_spec: multi_latent_attention with transformer_impl='local': megatron-core's "
+                         "local DotProductAttention cannot run MLA (it takes no k_channels; seen in 0.16.1 and 0.19.2); "
+                         "use transformer_impl='transformer_engine'")
     if transformer_impl == "local":
         spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization, **spec_kwargs)
     elif transformer_impl == "transformer_engine":
@@ -113,6 +118,8 @@ def get_gpt_lns_layer_spec(
 
         layer = dataclasses.replace(
             layer,
+            input_layernorm=_lns_te_norm(layer.input_layernorm),
+            pre_mlp_layernorm=_lns_te_norm(layer.pre_mlp_layernorm),
             self_attention=_with_submodule(layer.self_attention, "linear_qkv", FusedNormLinear),
             mlp=_with_submodule(layer.mlp, "linear_fc1", FusedNormLinear),
         )
@@ -124,6 +131,29 @@ def get_gpt_lns_layer_spec(
             mlp=_with_submodule(layer.mlp, "linear_fc2", output, required=scheme.name),
         )
     return dataclasses.replace(spec, module=LNSTransformerLayer if scheme.lns else spec.module, submodules=layer)
+
+
+def _lns_te_norm(norm):
+    """A standalone TE pre-norm (the MoE layers' pre-MLP norm, multi-latent attention's input norm) as its LNS
+    version; IdentityOp (the norm fused into the next linear) stays."""
+    from megatron.core.extensions.transformer_engine import TENorm
+
+    from lns_megatron.schemes.lns import LNSTENorm, LNSTENormWithResidual
+
+    if norm is TENorm:
+        return LNSTENorm
+    if getattr(norm, "__name__", "") == "_TENormWithResidual":  # megatron-core 0.19's has_residual=True norm
+        return LNSTENormWithResidual
+    return norm
+
+
+def moe_layers(config, vp_stage: Optional[int] = None) -> Optional[List[bool]]:
+    """Which layers of this pipeline chunk are MoE (from ``config.moe_layer_freq``), or None for a dense model."""
+    if not config.num_moe_experts:
+        return None
+    pattern = moe_layer_pattern(str(config.moe_layer_freq), config.num_layers)
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    return [bool(v) for v in pattern[offset:offset + get_num_layers_to_build(config, vp_stage=vp_stage)]]
 
 
 def _post_norm_spec(spec: ModuleSpec, transformer_impl: str, deepnorm_layers) -> ModuleSpec:
@@ -164,6 +194,12 @@ def get_gpt_lns_block_spec(config, transformer_impl: str = "local", norm_scheme:
     ``floor(mix_ln_alpha * N)`` layers are Post-LN, the others Pre-LN."""
     scheme = _norm_scheme(norm_scheme, "get_gpt_lns_block_spec: norm_scheme")
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
+    moe = moe_layers(config, vp_stage)
+    if moe and not scheme.moe:
+        raise ValueError(f"get_gpt_lns_block_spec: norm_scheme={norm_scheme!r} on MoE layers: {scheme.no_moe_reason}")
+    if getattr(config, "multi_latent_attention", False) and norm_scheme not in ("pre", "lns"):
+        raise ValueError(f"get_gpt_lns_block_spec: norm_scheme={norm_scheme!r} with multi-latent attention: only pre "
+                         "and lns are built on MLA layers (the other schemes' norms are placed on standard attention)")
     if scheme.post_norm == "first":
         if not 0.0 <= mix_ln_alpha <= 1.0:
             raise ValueError(f"get_gpt_lns_block_spec: mix_ln_alpha={mix_ln_alpha}; it is a fraction of the layers, "
@@ -177,9 +213,16 @@ def get_gpt_lns_block_spec(config, transformer_impl: str = "local", norm_scheme:
                 pre_spec.submodules, input_layernorm=LNSNorm, pre_mlp_layernorm=LNSNorm))
         layers = [post_spec if offset + i + 1 <= post_layers else pre_spec for i in range(count)]
     else:
-        layers = [get_gpt_lns_layer_spec(transformer_impl, norm_scheme, config.normalization, qk_layernorm,
-                                         num_layers=config.num_layers, dyt_alpha_init=dyt_alpha_init,
-                                         bhyt_lambda_init=bhyt_lambda_init)] * count
+        def layer_spec(is_moe: bool):
+            extra = dict(num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm) if is_moe else {}
+            if config.multi_latent_attention:
+                extra["multi_latent_attention"] = True
+            return get_gpt_lns_layer_spec(transformer_impl, norm_scheme, config.normalization, qk_layernorm,
+                                          num_layers=config.num_layers, dyt_alpha_init=dyt_alpha_init,
+                                          bhyt_lambda_init=bhyt_lambda_init, **extra)
+
+        specs = {kind: layer_spec(kind) for kind in set(moe or [False])}
+        layers = [specs[moe[i] if moe else False] for i in range(count)]
     final_norm = None
     if scheme.tanh:
         final_norm = ModuleSpec(module=DyT, params=dict(alpha_init=dyt_alpha_init[2]))

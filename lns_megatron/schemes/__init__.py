@@ -19,6 +19,22 @@ class NormScheme:
     bhyt: bool = False  # the input norms replaced by Bounded Hyperbolic Tanh (bhyt.py)
 
     @property
+    def no_moe_reason(self) -> str:
+        """Why the scheme is not defined on an MoE layer ("" where it is: its norms sit before attention and
+        before the MLP, whichever MLP that is)."""
+        if self.output_norms:
+            return ("Peri-LN's output norm sits on the MLP's output projection, and an MoE layer has one per expert "
+                    "plus a weighted sum, so the paper's scheme has no single place for it")
+        if self.post_norm:
+            return ("its post-norm layer (with DeepNorm's residual and init scales, Mix-LN's Post-LN layers) is "
+                    "defined on dense attention and MLP layers only")
+        return ""
+
+    @property
+    def moe(self) -> bool:
+        return not self.no_moe_reason
+
+    @property
     def gpt_only(self) -> bool:
         """Built for GPTModel's layers only (HybridModel's stack takes the Pre-LN-shaped schemes)."""
         return bool(self.post_norm) or self.tanh or self.bhyt

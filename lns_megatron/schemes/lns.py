@@ -120,6 +120,85 @@ if HAVE_TE:
                 params.update(real)
 
 
+_SCALED_NORM_CLASSES: dict = {}
+
+
+def with_layernorm_scaling(norm: torch.nn.Module, zero_centered_gamma: bool, scale_output: bool = False):
+    """``norm`` (an instance whose affine parameters are ``weight`` and ``bias``) turned into an instance of a
+    subclass of its own class that applies ``lns_scale`` to its output; its parameters, hooks and checkpoint keys
+    stay as they are.
+
+    By default the scale goes into the effective weight and bias for the forward, as in the fused linear above:
+    no activation-sized kernel. ``scale_output`` multiplies the output instead, and of a ``(normed, residual)``
+    tuple only the first, for a norm that captured its weight elsewhere (TE's fused-residual RMSNorm hands its
+    ``weight`` to an op pipeline at the first forward).
+    """
+    if hasattr(norm, "lns_zero_centered_gamma"):
+        raise TypeError(f"with_layernorm_scaling: {type(norm).__name__} applies LayerNorm Scaling already")
+    base = type(norm)
+    key = (base, scale_output)
+    if key not in _SCALED_NORM_CLASSES:
+
+        def forward(self, x, *args, **kwargs):
+            scale = self.lns_scale
+            if scale == 1.0:
+                return super(cls, self).forward(x, *args, **kwargs)
+            if scale_output:
+                out = super(cls, self).forward(x, *args, **kwargs)
+                return (out[0] * scale, *out[1:]) if isinstance(out, tuple) else out * scale
+            params = self._parameters
+            real = {n: params[n] for n in ("weight", "bias") if params.get(n) is not None}
+            weight, bias = scaled_affine(real["weight"], real.get("bias"), scale, self.lns_zero_centered_gamma)
+            params["weight"] = weight
+            if bias is not None:
+                params["bias"] = bias
+            try:
+                return super(cls, self).forward(x, *args, **kwargs)
+            finally:
+                params.update(real)
+
+        name = f"LNS{base.__name__}" + ("ScaledOutput" if scale_output else "")
+        cls = type(name, (base,), dict(lns_scale=1.0, forward=forward, __module__=__name__, __qualname__=name,
+                                       __doc__=f"{base.__name__} with LayerNorm Scaling (lns_scale)."))
+        globals()[name] = cls  # findable by pickle
+        _SCALED_NORM_CLASSES[key] = cls
+    norm.__class__ = _SCALED_NORM_CLASSES[key]
+    norm.lns_zero_centered_gamma = zero_centered_gamma
+    return norm
+
+
+if HAVE_TE:
+    from megatron.core.extensions.transformer_engine import TENorm
+
+    try:  # megatron-core 0.17+: RMSNorm that also returns the residual
+        from megatron.core.extensions.transformer_engine import TEFusedResidualRMSNorm
+    except ImportError:
+        TEFusedResidualRMSNorm = None
+
+    class LNSTENorm:
+        """megatron-core's ``TENorm`` (a factory of Transformer Engine's ``LayerNorm``/``RMSNorm``) with LNS.
+
+        This is the standalone TE norm of the MoE layers' pre-MLP norm and of multi-latent attention's input
+        norm, which are not fused into a linear layer. The instance is TE's own, with
+        :func:`with_layernorm_scaling`: the scale goes into the effective gamma (and beta) for the forward,
+        zero-centered gamma included; TE's fused-residual RMSNorm (``(normed, residual)``) has only its
+        normed output scaled.
+        """
+
+        lns_scale: float = 1.0  # set by LNSTransformerLayer on the instance
+
+        def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **kwargs):
+            norm = TENorm(config, hidden_size, eps, **kwargs)
+            fused_residual = TEFusedResidualRMSNorm is not None and isinstance(norm, TEFusedResidualRMSNorm)
+            return with_layernorm_scaling(norm, config.layernorm_zero_centered_gamma, scale_output=fused_residual)
+
+    class LNSTENormWithResidual(LNSTENorm):
+        """:class:`LNSTENorm` for megatron-core 0.19's ``has_residual=True`` norm positions."""
+
+        def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **kwargs):
+            return LNSTENorm.__new__(cls, config, hidden_size, eps, has_residual=True, **kwargs)
+
+
 class LNSTransformerLayer(TransformerLayer):
     """A megatron-core ``TransformerLayer`` with LayerNorm Scaling.
 
@@ -143,7 +222,7 @@ class LNSTransformerLayer(TransformerLayer):
                 raise TypeError(
                     f"LNSTransformerLayer: the {where} norm is a {type(carrier).__name__}, which cannot apply "
                     "LayerNorm Scaling; build the layer with lns_megatron.get_gpt_lns_layer_spec() "
-                    "(MoE and multi-latent attention are supported with transformer_impl='local' only)"
+                    "(it swaps in LNSNorm, LNSTENorm or the LNS fused norm-linear for each pre-norm)"
                 )
             carrier.lns_scale = self.lns_scale
 
@@ -159,7 +238,12 @@ class LNSTransformerLayer(TransformerLayer):
                                              ("pre-MLP", self.pre_mlp_layernorm, self.mlp, "linear_fc1")):
             if isinstance(norm, IdentityOp) and isinstance(sublayer, IdentityOp):
                 continue  # no such sublayer
-            carriers.append((where, getattr(sublayer, fused) if isinstance(norm, IdentityOp) else norm))
+            carrier = getattr(sublayer, fused, None) if isinstance(norm, IdentityOp) else norm
+            if carrier is None:
+                raise TypeError(f"LNSTransformerLayer: the {where} norm is fused into {type(sublayer).__name__}, which "
+                                f"has no {fused}; LNS reaches standalone norms and the norm fused into {fused} only "
+                                "(build multi-latent attention without mla_down_proj_fusion)")
+            carriers.append((where, carrier))
         return carriers
 
     def extra_repr(self) -> str:

@@ -8,6 +8,7 @@ move (by an atomic replace), so a process killed mid-save never damages the late
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -143,6 +144,7 @@ def _load_optimizer_state(optimizer, state: dict) -> None:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
+    state = _common_state_in_this_layout(state, optimizers)
     states = [state] if len(optimizers) == 1 else [v for _, v in sorted(state.items())]
     deferred = []
     for opt, saved in zip(optimizers, states):
@@ -158,6 +160,33 @@ def _load_optimizer_state(optimizer, state: dict) -> None:
             load(param_state)
             for p, step in steps.items():
                 opt.optimizer.state[p]["step"] = step.clone()
+
+
+def _common_state_in_this_layout(state: dict, optimizers: list) -> dict:
+    """Expert parallelism splits the distributed optimizer in two (dense and expert parameters); at EP=1 it is
+    one. From a checkpoint saved with the other count, dist-checkpointing loads the (fully reshardable,
+    per-parameter) shards into this run's layout, but the common part (parameter groups, sharding type) comes back
+    in the saved one: give it this run's. The dense and expert groups hold the same settings (the driver sets no
+    expert-specific ones) but for megatron's ``is_expert_parallel`` mark, which is set to each part's own."""
+    def expert_parallel(groups):
+        return bool(groups and groups[0].get("is_expert_parallel"))
+
+    parts = sorted(k for k in state if isinstance(k, int))
+    common = {k: v for k, v in state.items() if not isinstance(k, int)}
+    if len(optimizers) == 1 and parts:  # saved chained, loading one: the dense part's common state
+        dense = [k for k in parts if not expert_parallel(state[k].get("optimizer", {}).get("param_groups"))]
+        saved = {k: v for k, v in state[(dense or parts)[0]].items() if k != "param_state"}
+        return {**saved, **common}
+    if len(optimizers) > 1 and {"optimizer", "param_state_sharding_type"} <= common.keys():  # saved as one
+        out = {}
+        for k in parts:
+            shared = copy.deepcopy({name: common[name] for name in ("optimizer", "param_state_sharding_type")})
+            mark = expert_parallel(optimizers[k].optimizer.param_groups)
+            for group in shared["optimizer"].get("param_groups", []):
+                group["is_expert_parallel"] = mark
+            out[k] = {**shared, **state[k]}
+        return out
+    return state
 
 
 def _sharded_state(model: List, optimizer, is_loading: bool, metadata: dict) -> dict:

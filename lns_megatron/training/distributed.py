@@ -28,6 +28,8 @@ def initialize(
     virtual_pipeline_model_parallel_size: Optional[int] = None,
     seed: int = 1234,
     timeout_minutes: float = 10.0,
+    expert_model_parallel_size: int = 1,
+    expert_tensor_parallel_size: Optional[int] = None,
 ) -> None:
     """Start torch.distributed (from torchrun's environment, or as a single process) and
     megatron-core's model parallelism, then seed every RNG like Megatron-LM does."""
@@ -46,6 +48,8 @@ def initialize(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
     )
     set_seed(seed)

@@ -5,28 +5,47 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
-from lns_megatron.config import PretrainConfig
+from lns_megatron.config import PretrainConfig, moe_layer_pattern
 
 
 def flops_per_iteration(c: PretrainConfig, padded_vocab_size: int) -> float:
-    """Megatron-LM's model FLOPs per iteration (forward + backward) for GQA and SwiGLU."""
+    """Megatron-LM's model FLOPs per iteration (forward + backward) for GQA, SwiGLU and MoE (each token through
+    its top-k experts and the shared expert; the router's GEMM is not counted, as in Megatron-LM)."""
     kv_channels = c.hidden_size // c.num_attention_heads
     query_ratio = kv_channels * c.num_attention_heads / c.hidden_size
     gated = 1.5 if c.swiglu else 1.0
     expansion = 3 * 2 * 2  # fwd + 2x bwd; 2 FLOPs per MAC; two GEMMs per block
+    moe_layers = sum(moe_layer_pattern(c.moe_layer_freq, c.num_layers)) if c.num_experts else 0
+    mlp_width = (c.ffn_hidden_size * (c.num_layers - moe_layers)
+                 + ((c.moe_ffn_hidden_size or c.ffn_hidden_size) * c.moe_router_topk
+                    + (c.moe_shared_expert_intermediate_size or 0)) * moe_layers) / c.num_layers
     return (
         expansion * c.global_batch_size * c.seq_length * c.num_layers * c.hidden_size**2
         * (
             (1 + c.num_query_groups / c.num_attention_heads + c.seq_length / c.hidden_size / 2) * query_ratio
-            + c.ffn_hidden_size / c.hidden_size * gated
+            + mlp_width / c.hidden_size * gated
             + padded_vocab_size / (2 * c.num_layers * c.hidden_size)
         )
     )
+
+
+# megatron-core's router logs each load-balancing type under its own name.
+MOE_LOSS_NAMES = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss",
+                  "global_aux_loss": "global_load_balancing_loss"}
+
+
+def moe_loss_names(c: PretrainConfig) -> List[str]:
+    """The MoE auxiliary losses this run logs (Megatron-LM's track names), none for a dense model."""
+    if c.num_experts is None:
+        return []
+    balancing = MOE_LOSS_NAMES.get(c.moe_router_load_balancing_type)
+    names = [balancing] if balancing and c.moe_aux_loss_coeff > 0 else []  # coefficient 0: megatron computes none
+    return names + (["z_loss"] if c.moe_z_loss_coeff is not None else [])
 
 
 def _duration(seconds: float) -> str:
@@ -52,6 +71,21 @@ class MetricsLogger:
         self.interval_iters = 0
         self.skipped = 0
         self.nan = 0
+        self.moe_names = moe_loss_names(c)
+        self.moe_totals: Dict[str, torch.Tensor] = {}
+
+    def moe_losses(self, iteration: int) -> None:
+        """Read and reset megatron-core's MoE loss tracker, on every rank (it reduces over the pipeline and data
+        parallel ranks), as Megatron-LM's training_log does: TensorBoard gets each iteration's mean over the MoE
+        layers, the console line its mean over the log interval."""
+        if not self.moe_names:
+            return
+        from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+
+        track_moe_metrics(loss_scale=1.0 / self.c.num_microbatches, iteration=iteration, writer=self.writer,
+                          total_loss_dict=self.moe_totals, force_initialize=True, track_names=self.moe_names,
+                          num_layers=self.c.num_layers,
+                          moe_layer_freq=moe_layer_pattern(self.c.moe_layer_freq, self.c.num_layers))
 
     @contextlib.contextmanager
     def untimed(self):
@@ -86,6 +120,8 @@ class MetricsLogger:
             values["mem-max-allocated-bytes"] = torch.cuda.max_memory_allocated()
         for name, value in values.items():
             self.scalar(name, value, iteration)
+        moe = "".join(f" {name}: {float(total) / self.interval_iters:.6E} |" for name, total in self.moe_totals.items())
+        self.moe_totals = {}
         if self.is_writer:
             grad = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
             print(
@@ -93,7 +129,7 @@ class MetricsLogger:
                 f" consumed samples: {consumed_samples:12d} | elapsed time per iteration (ms): {elapsed * 1000:.1f} |"
                 f" throughput per GPU (TFLOP/s/GPU): {tflops:.3g} | tokens per second: {tokens_per_sec:.0f} |"
                 f" learning rate: {lr:.6E} | global batch size: {self.c.global_batch_size:5d} |"
-                f" lm loss: {loss:.6E} | loss scale: {loss_scale:.1f} | grad norm: {grad} |"
+                f" lm loss: {loss:.6E} |{moe} loss scale: {loss_scale:.1f} | grad norm: {grad} |"
                 f" number of skipped iterations: {self.skipped:3d} | number of nan iterations: {self.nan:3d} |"
                 f" ETA: {_duration(elapsed * (self.c.train_iters - iteration))} |",
                 flush=True,

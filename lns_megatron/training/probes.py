@@ -90,27 +90,41 @@ def hidden_state_stats(model: List, batch: dict, forward_step, num_layers: int, 
 
 
 def layer_grad_norms(model: List, optimizer, num_layers: int) -> List[float]:
-    """L2 norm of each layer's (reduced) parameter gradients, from megatron DDP's main_grad."""
+    """L2 norm of each layer's (reduced) parameter gradients, from megatron DDP's main_grad.
+
+    Under expert parallelism the experts' parameters (``allreduce=False``) differ between the expert-parallel
+    ranks and are split by the expert tensor-parallel and expert data-parallel groups, so they are summed over
+    those groups, the others over TP and DP."""
     owned = _distributed_optimizer_ranges(optimizer)
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    sq = torch.zeros(num_layers, dtype=torch.float64, device=_device(model))
+    ranks = {False: parallel_state.get_tensor_model_parallel_rank(),
+             True: parallel_state.get_expert_tensor_parallel_rank()}
+    device = _device(model)
+    sq = {kind: torch.zeros(num_layers, dtype=torch.float64, device=device) for kind in (False, True)}
     per_layer = _layers_per_transformer_layer(model)
     for layer in _layers(model):
         for p in layer.parameters():
             grad = getattr(p, "main_grad", None)
-            if grad is None or not (getattr(p, "tensor_model_parallel", False) or tp_rank == 0):
+            expert = not getattr(p, "allreduce", True)
+            if grad is None or not (getattr(p, "tensor_model_parallel", False) or ranks[expert] == 0):
                 continue  # replicated over TP: count one copy
             if owned is not None:
                 r = owned.get(p)
                 if r is None:
                     continue
                 grad = grad.view(-1)[r.start:r.end]
-            sq[(layer.layer_number - 1) // per_layer] += grad.double().square().sum()
-    dist.all_reduce(sq, group=parallel_state.get_tensor_model_parallel_group())
+            sq[expert][(layer.layer_number - 1) // per_layer] += grad.double().square().sum()
+    dense, experts = sq[False], sq[True]
+    dist.all_reduce(dense, group=parallel_state.get_tensor_model_parallel_group())
     if owned is not None:  # each data-parallel rank holds a shard of the reduced gradients
-        dist.all_reduce(sq, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-    dist.all_reduce(sq, group=parallel_state.get_pipeline_model_parallel_group())
-    return sq.sqrt().tolist()
+        dist.all_reduce(dense, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    if parallel_state.get_expert_model_parallel_world_size() > 1:
+        dist.all_reduce(experts, group=parallel_state.get_expert_tensor_parallel_group())
+        dist.all_reduce(experts, group=parallel_state.get_expert_model_parallel_group())
+        if owned is not None:
+            dist.all_reduce(experts, group=parallel_state.get_expert_data_parallel_group())
+    total = dense + experts
+    dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+    return total.sqrt().tolist()
 
 
 def _distributed_optimizer_ranges(optimizer):

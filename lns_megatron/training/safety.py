@@ -36,13 +36,18 @@ from lns_megatron.data import metadata
 ARCHITECTURE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                 "max_position_embeddings", "normalization", "norm_epsilon", "apply_layernorm_1p", "qk_layernorm",
                 "swiglu", "disable_bias_linear", "position_embedding_type", "rotary_base",
-                "untie_embeddings_and_output_weights", "norm_scheme", "mix_ln_alpha", "hybrid_layer_pattern")
+                "untie_embeddings_and_output_weights", "norm_scheme", "mix_ln_alpha", "hybrid_layer_pattern",
+                "num_experts")
+MOE_ARCHITECTURE = ("moe_router_topk", "moe_ffn_hidden_size", "moe_layer_freq", "moe_shared_expert_intermediate_size",
+                    "moe_router_score_function", "moe_router_pre_softmax")
 TOKENIZER = ("tokenizer_type",)  # and the tokenizer's identity: its id -> token table, vocabulary and EOD
 # What a resume may change on purpose (another data blend for annealing, a longer context): said, not refused.
 DATA = ("data_path", "split", "mock_data", "seq_length", "global_batch_size")
+# MoE training losses a resume may retune: said, not refused.
+MOE_LOSSES = ("moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_z_loss_coeff")
 # Flags --use-checkpoint-args takes from the checkpoint.
-CHECKPOINT_ARGS = ARCHITECTURE + ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size",
-                                  "eod_id", "make_vocab_size_divisible_by")
+CHECKPOINT_ARGS = ARCHITECTURE + MOE_ARCHITECTURE + ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file",
+                                                     "vocab_size", "eod_id", "make_vocab_size_divisible_by")
 DERIVED_LABELS = {
     "padded_vocab_size": "padded vocabulary rows",
 }
@@ -104,7 +109,9 @@ def compare_with_checkpoint(directory: str, saved: dict, saved_schedule: Optiona
                             load_optimizer: bool) -> List[str]:
     """Refuse a resume that would train another model; returns the notices of deliberate changes."""
     where = f"--load {directory}"
-    mismatched = differences(saved, c, ARCHITECTURE + TOKENIZER) + _tokenizer_differences(saved, c)
+    moe = saved.get("num_experts") is not None or c.num_experts is not None  # a dense model ignores the MoE flags
+    names = ARCHITECTURE + TOKENIZER + (MOE_ARCHITECTURE if moe else ())
+    mismatched = differences(saved, c, names) + _tokenizer_differences(saved, c)
     if mismatched:
         raise ConfigError(f"{where} holds another model or tokenizer: {'; '.join(mismatched)}. Pass the "
                           "checkpoint's values, or --use-checkpoint-args to take them from it")
@@ -125,7 +132,7 @@ def compare_with_checkpoint(directory: str, saved: dict, saved_schedule: Optiona
                 "--use-checkpoint-opt_param-scheduler to keep the checkpoint's schedule")
     if load_optimizer:
         _check_optimizer_state(where, saved, c)
-    return differences(saved, c, DATA)
+    return differences(saved, c, DATA + (MOE_LOSSES if moe else ()))
 
 
 def _check_optimizer_state(where: str, saved: dict, c: PretrainConfig) -> None:
@@ -138,7 +145,8 @@ def _check_optimizer_state(where: str, saved: dict, c: PretrainConfig) -> None:
                               "match the checkpoint")
     if not c.use_distributed_optimizer or saved.get("dist_ckpt_optim_fully_reshardable", True):
         return
-    layout = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage")
+    layout = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage",
+              "expert_model_parallel_size", "expert_tensor_parallel_size")
     changed = differences(saved, c, layout)
     if changed:
         raise ConfigError(f"{where}: its distributed-optimizer state is saved per data-parallel shard, which loads "

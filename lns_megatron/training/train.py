@@ -23,7 +23,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
-from lns_megatron.config import PretrainConfig, unused_scheme_flags, validate
+from lns_megatron.config import ConfigError, PretrainConfig, moe_layer_pattern, unused_moe_flags, unused_scheme_flags, validate
 from lns_megatron.data import datasets, metadata
 from lns_megatron.models.build import build_model_chunk, hybrid_pattern
 from lns_megatron.models.gpt import transformer_config
@@ -153,6 +153,10 @@ def prepare_resume(c: PretrainConfig):
             print(f"lns-pretrain: --use-checkpoint-args: {', '.join(taken)} (from {directory})", flush=True)
     validate(c, torch.cuda.is_available(), HAVE_TE)
     hybrid_pattern(c)  # refuses a pattern that does not fit --num-layers and the pipeline layout
+    try:  # megatron-core's own checks of the combination, before any process group or memory
+        transformer_config(c)
+    except (AssertionError, ValueError) as e:
+        raise ConfigError(f"megatron-core refuses these flags: {e}") from None
     if c.load is not None:
         directory, _ = checkpoint.latest_checkpoint(c.load)
         saved = checkpoint.saved_config(directory)
@@ -175,7 +179,9 @@ def pretrain(c: PretrainConfig) -> dict:
     tokenizer, resume_from, notices = prepare_resume(c)
     distributed.initialize(c.tensor_model_parallel_size, c.pipeline_model_parallel_size,
                            c.virtual_pipeline_model_parallel_size, seed=c.seed,
-                           timeout_minutes=c.distributed_timeout_minutes)
+                           timeout_minutes=c.distributed_timeout_minutes,
+                           expert_model_parallel_size=c.expert_model_parallel_size,
+                           expert_tensor_parallel_size=c.expert_tensor_parallel_size)
     lock = safety.claim_save_directory(c)
     try:
         return _train(c, tokenizer, resume_from, notices)
@@ -216,6 +222,10 @@ def _train(c: PretrainConfig, tokenizer, resume_from, notices) -> dict:
     logger = MetricsLogger(c, vocab)
     if logger.is_writer:
         kind = f"HybridModel {c.hybrid_layer_pattern!r}" if c.hybrid_layer_pattern else "GPTModel"
+        if c.num_experts:
+            kind += (f", MoE in {sum(moe_layer_pattern(c.moe_layer_freq, c.num_layers))} layers: {c.num_experts} "
+                     f"experts of {c.moe_ffn_hidden_size}, top-{c.moe_router_topk}, EP={c.expert_model_parallel_size} "
+                     f"ETP={c.expert_tensor_parallel_size}")
         print(f"lns-pretrain: {c.norm_scheme} | {kind} | {c.num_layers} layers x {c.hidden_size} | TP={c.tensor_model_parallel_size} "
               f"PP={c.pipeline_model_parallel_size} VPP={c.virtual_pipeline_model_parallel_size} DP={c.data_parallel_size} | "
               f"{c.num_microbatches} micro-batches of {c.micro_batch_size} | vocab {tokenizer.vocab_size} (padded {vocab})",
@@ -229,10 +239,13 @@ def _train(c: PretrainConfig, tokenizer, resume_from, notices) -> dict:
                 ", fresh Adam state (--no-load-optim)" if c.no_load_optim else "")
             print(f"lns-pretrain: loaded {resume_from}: {what}", flush=True)
         for notice in notices:
-            print(f"lns-pretrain: resuming with a changed data setting: {notice}", flush=True)
+            print(f"lns-pretrain: resuming with a changed setting: {notice}", flush=True)
         unused = unused_scheme_flags(c)
         if unused:
             print(f"lns-pretrain: {', '.join(unused)} not used by --norm-scheme {c.norm_scheme}", flush=True)
+        unused = unused_moe_flags(c)
+        if unused:
+            print(f"lns-pretrain: {', '.join(unused)} not used without --num-experts (a dense model)", flush=True)
         if (resume_from is not None and scheduler.lr_decay_style != "constant"
                 and scheduler.lr_decay_steps <= iteration < c.train_iters):
             print(f"lns-pretrain: iterations {iteration + 1}..{c.train_iters} are past the end of the learning-rate "
@@ -260,6 +273,7 @@ def _train(c: PretrainConfig, tokenizer, resume_from, notices) -> dict:
             phase = f"the forward and backward pass of iteration {iteration + 1}"
             loss = train_step(model, optimizer, train_iters, c)
             iteration += 1
+            logger.moe_losses(iteration)
             if c.check_for_nan_in_loss_and_grad:
                 check_step_is_finite(loss, model, iteration, last_checkpoint)
             depth_due = c.depth_log_interval and iteration % c.depth_log_interval == 0

@@ -167,6 +167,7 @@ def test_export_copies_and_trims_to_a_real_tokenizer(checkpoints, tmp_path):
     (dict(norm_scheme="peri", disable_bias_linear=False), [], "cannot export to Gemma 2: the checkpoint uses linear "
      "biases"),
     (dict(norm_scheme="peri-lns"), ["--keep-lns"], "cannot export to Gemma 2: the checkpoint uses --keep-lns"),
+    (dict(num_experts=4), [], "cannot export to Hugging Face: the checkpoint is a mixture of experts (--num-experts 4)"),
 ])
 def test_refuses_what_the_architecture_cannot_express(checkpoints, tmp_path, change, flags, message):
     ckpt = copy_checkpoint(checkpoints["lns"], tmp_path / "ckpt", **change)

@@ -278,3 +278,62 @@ def test_fused_submodule_swap_handles_specs_and_partials():
     assert sub.linear_fc1 is ColumnParallelLinear  # the original is not modified
     no_field = ModuleSpec(module=MLP, submodules=None)
     assert _with_submodule(no_field, "linear_fc1", Fused) is no_field
+
+
+class ZeroCenteredRMSNorm(torch.nn.Module):
+    """A reference norm that multiplies by (1 + weight), as Transformer Engine's zero-centered gamma does."""
+
+    def __init__(self, hidden):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(hidden))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), 1.0 + self.weight, 1e-6)
+
+
+class NormWithResidual(torch.nn.RMSNorm):
+    """A norm returning (normed, residual), as megatron-core 0.19's fused-residual TE RMSNorm does."""
+
+    def forward(self, x):
+        return super().forward(x), x
+
+
+@pytest.mark.parametrize("kind", ["rmsnorm", "layernorm", "zero-centered", "scaled-output", "with-residual"])
+def test_with_layernorm_scaling_equals_the_scaled_norm_output(kind):
+    """The mechanism behind LNSTENorm, on torch norms (TE's own are tested on the GPU kit): the output and the
+    gradients of the affine parameters equal those of ``s * norm(x)`` in float64; parameters and state-dict keys
+    are unchanged; an output tuple has only its first element scaled."""
+    from lns_megatron.schemes.lns import with_layernorm_scaling
+
+    torch.manual_seed(0)
+    hidden, scale = 16, 1 / math.sqrt(3)
+    make = {"rmsnorm": lambda: torch.nn.RMSNorm(hidden, eps=1e-6, dtype=torch.float64),
+            "layernorm": lambda: torch.nn.LayerNorm(hidden, dtype=torch.float64),
+            "zero-centered": lambda: ZeroCenteredRMSNorm(hidden).double(),
+            "scaled-output": lambda: torch.nn.RMSNorm(hidden, eps=1e-6, dtype=torch.float64),
+            "with-residual": lambda: NormWithResidual(hidden, eps=1e-6, dtype=torch.float64)}[kind]
+    reference, scaled = make(), make()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.copy_(torch.randn_like(p))
+    scaled.load_state_dict(reference.state_dict())
+    keys = list(scaled.state_dict())
+    with_layernorm_scaling(scaled, zero_centered_gamma=kind == "zero-centered",
+                           scale_output=kind in ("scaled-output", "with-residual"))
+    scaled.lns_scale = scale
+    assert isinstance(scaled, type(reference)) and list(scaled.state_dict()) == keys
+    assert all(type(p) is torch.nn.Parameter for p in scaled.parameters())
+    x = torch.randn(5, hidden, dtype=torch.float64, requires_grad=True)
+    out, expected = scaled(x), reference(x)
+    if kind == "with-residual":
+        (out, residual), (expected, reference_residual) = out, expected
+        assert torch.equal(residual, reference_residual)
+    expected = expected * scale
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    probe = torch.randn_like(out)
+    grads = torch.autograd.grad((out * probe).sum(), [x, *scaled.parameters()])
+    reference_grads = torch.autograd.grad((expected * probe).sum(), [x, *reference.parameters()])
+    for got, want in zip(grads, reference_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match="already"):
+        with_layernorm_scaling(scaled, zero_centered_gamma=False)

@@ -137,3 +137,123 @@ def test_te_specs_of_the_other_schemes_equal_local(megatron_tp1, scheme):
     mask = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool, device="cuda"), 1)
     with torch.no_grad():
         torch.testing.assert_close(fused(tokens, positions, mask), local(tokens, positions, mask), rtol=2e-3, atol=2e-3)
+
+
+# LNS on the standalone TE norms: MoE layers' pre-MLP norm, multi-latent attention's input norm.
+PRE_NORM_PARAMS = ("input_layernorm.weight", "input_layernorm.bias", "pre_mlp_layernorm.weight",
+                   "pre_mlp_layernorm.bias", "linear_qkv.layer_norm_weight", "linear_qkv.layer_norm_bias",
+                   "linear_fc1.layer_norm_weight", "linear_fc1.layer_norm_bias")
+
+
+@pytest.mark.parametrize("kind", ["rmsnorm", "layernorm", "zero-centered", "fused-residual"])
+def test_lns_te_norm_equals_the_scaled_te_norm(megatron_tp1, kind):
+    """LNSTENorm is Transformer Engine's own norm whose output (the first of TE's fused-residual RMSNorm's
+    (normed, residual)) is 1/sqrt(l) times TENorm's, with the same gradients by the chain rule."""
+    from megatron.core.extensions.transformer_engine import TENorm
+
+    from lns_megatron.models.gpt import tiny_config
+    from lns_megatron.schemes.lns import TEFusedResidualRMSNorm, LNSTENorm
+
+    overrides = {"layernorm": dict(normalization="LayerNorm"),
+                 "zero-centered": dict(layernorm_zero_centered_gamma=True),
+                 "fused-residual": dict(fused_residual_rmsnorm=True)}.get(kind, {})
+    kwargs = {}
+    if kind == "fused-residual":
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        if "fused_residual_rmsnorm" not in TransformerConfig.__dataclass_fields__:
+            pytest.skip("megatron-core before 0.17 has no fused-residual RMSNorm")
+        if TEFusedResidualRMSNorm is None:
+            pytest.skip("megatron-core's fused-residual RMSNorm needs Transformer Engine 1.13 or later")
+        kwargs["has_residual"] = True
+    config = tiny_config(**overrides)
+    torch.manual_seed(0)
+    reference, scaled = TENorm(config, 64, **kwargs).cuda(), LNSTENorm(config, 64, **kwargs).cuda()
+    assert type(scaled).__mro__[1] is type(reference) and type(scaled).__name__.startswith("LNS")
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.copy_(0.5 * torch.randn_like(p))
+    scaled.load_state_dict(reference.state_dict())
+    assert list(scaled.state_dict()) == list(reference.state_dict())
+    scaled.lns_scale = 1 / math.sqrt(5)
+    x = torch.randn(8, 2, 64, device="cuda", requires_grad=True)
+    out, expected = scaled(x), reference(x)
+    if kind == "fused-residual":
+        (out, residual), (expected, reference_residual) = out, expected
+        torch.testing.assert_close(residual, reference_residual, rtol=0, atol=0)
+    expected = expected * scaled.lns_scale
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    probe = torch.randn_like(out)
+    got = torch.autograd.grad((out * probe).sum(), [x, *scaled.parameters()])
+    want = torch.autograd.grad((expected * probe).sum(), [x, *reference.parameters()])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def mla_config(**overrides):
+    import dataclasses
+
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    from lns_megatron.models.gpt import tiny_config
+
+    base = tiny_config(**overrides)
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init}
+    return MLATransformerConfig(**{**fields, "multi_latent_attention": True}, q_lora_rank=32, kv_lora_rank=16,
+                                qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=16, rope_type="rope")
+
+
+def moe_config(**overrides):
+    from lns_megatron.models.gpt import tiny_config
+
+    return tiny_config(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32, moe_aux_loss_coeff=0.01,
+                       **overrides)
+
+
+@pytest.mark.parametrize("layers", ["moe", "moe-grouped-gemm", "mla", "mla-moe"])
+def test_te_lns_on_moe_and_mla_equals_te_pre_ln_with_scaled_norm_weights(megatron_tp1, layers):
+    """The Transformer Engine LNS spec on MoE and MLA layers (standalone LNSTENorm where megatron keeps a TENorm,
+    the fused norm-linear elsewhere) computes megatron-core's own TE Pre-LN block with each layer's pre-norm
+    weights times 1/sqrt(l): logits and gradients."""
+    from lns_megatron.models.gpt import build_gpt_model
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    experts = dict(moe_grouped_gemm=True) if layers == "moe-grouped-gemm" else {}
+    if layers.startswith("mla"):
+        config = mla_config(**(dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32)
+                               if layers == "mla-moe" else {}))
+    else:
+        config = moe_config(**experts)
+
+    def build(scheme):
+        torch.manual_seed(0)
+        return build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ, norm_scheme=scheme,
+                               transformer_impl="transformer_engine").cuda()
+
+    lns, pre = build("lns"), build("pre")
+    for layer in lns.decoder.layers:
+        for where, carrier in layer._pre_norm_carriers():
+            assert carrier.lns_scale == pytest.approx(1 / math.sqrt(layer.layer_number)), where
+    with torch.no_grad():
+        for name, p in lns.named_parameters():
+            if name.endswith(PRE_NORM_PARAMS):
+                p.copy_(1.0 + 0.5 * torch.randn_like(p) if "weight" in name else 0.1 * torch.randn_like(p))
+    layer_of = lambda name: int(name.split("decoder.layers.")[1].split(".")[0]) + 1  # noqa: E731
+    state = lns.state_dict()
+    scaled = {k: v / math.sqrt(layer_of(k)) if k.endswith(PRE_NORM_PARAMS) else v for k, v in state.items()}
+    missing, unexpected = pre.load_state_dict(scaled, strict=False)
+    assert not [m for m in missing if not m.endswith("_extra_state")] and not unexpected
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), device="cuda")
+    positions = torch.arange(SEQ, device="cuda").expand(BATCH, SEQ)
+    mask = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool, device="cuda"), 1)
+    out_lns, out_pre = lns(tokens, positions, mask), pre(tokens, positions, mask)
+    torch.testing.assert_close(out_lns, out_pre, rtol=2e-3, atol=2e-3)
+    probe = torch.randn_like(out_lns)
+    (out_lns * probe).sum().backward()
+    (out_pre * probe).sum().backward()
+    pre_params = dict(pre.named_parameters())
+    for name, p in lns.named_parameters():
+        factor = 1 / math.sqrt(layer_of(name)) if name.endswith(PRE_NORM_PARAMS) else 1.0
+        expected = pre_params[name].grad * factor
+        torch.testing.assert_close(p.grad, expected, rtol=5e-3, atol=5e-3 * max(1.0, expected.abs().max().item()),
+                                   msg=name)

@@ -10,9 +10,9 @@ import shutil
 
 import pytest
 
-from driver import (COMMON, data_flags, learnable_documents, logged, logged_losses, read_tensorboard, run_driver,
-                    validation_losses, write_dataset)
-from lns_megatron.config import ConfigError, parse_args
+from driver import (COMMON, data_flags, learnable_documents, logged, logged_losses, read_tensorboard, resume_error,
+                    run_driver, validation_losses, write_dataset)
+from lns_megatron.config import parse_args
 from lns_megatron.training.train import prepare_resume
 
 DIST_OPT = ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]
@@ -108,14 +108,6 @@ def test_virtual_pipeline_saves_and_resumes_exactly(data, tmp_path):
                                "--save", tmp_path / "one"))
     losses = logged_losses(out)
     assert sorted(losses) == [3, 4] and all(close(losses[i], whole[i]) for i in losses), (losses, whole)
-
-
-def resume_error(*argv, world_size=1, monkeypatch=None):
-    if monkeypatch is not None:
-        monkeypatch.setenv("WORLD_SIZE", str(world_size))
-    with pytest.raises(ConfigError) as error:
-        prepare_resume(parse_args([str(a) for a in argv]))
-    return str(error.value)
 
 
 def test_switching_optimizer_kind_needs_no_load_optim(data, reference, tmp_path):
