@@ -72,6 +72,7 @@ class MetricsLogger:
         self.skipped = 0
         self.nan = 0
         self.moe_names = moe_loss_names(c)
+        self.moe_pattern = moe_layer_pattern(c.moe_layer_freq, c.num_layers) if self.moe_names else None
         self.moe_totals: Dict[str, torch.Tensor] = {}
 
     def moe_losses(self, iteration: int) -> None:
@@ -84,8 +85,7 @@ class MetricsLogger:
 
         track_moe_metrics(loss_scale=1.0 / self.c.num_microbatches, iteration=iteration, writer=self.writer,
                           total_loss_dict=self.moe_totals, force_initialize=True, track_names=self.moe_names,
-                          num_layers=self.c.num_layers,
-                          moe_layer_freq=moe_layer_pattern(self.c.moe_layer_freq, self.c.num_layers))
+                          num_layers=self.c.num_layers, moe_layer_freq=self.moe_pattern)
 
     @contextlib.contextmanager
     def untimed(self):
