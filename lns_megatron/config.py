@@ -534,18 +534,13 @@ def validate(c: PretrainConfig, cuda_available: bool, have_te: bool) -> None:
 
 def validate_moe(c: PretrainConfig, cuda_available: bool, have_te: bool) -> None:
     """The MoE flags, each problem one line (megatron-core would otherwise fail later, some of them inside the
-    first forward pass)."""
-    from lns_megatron.schemes import NORM_SCHEMES
-
+    first forward pass). Whether the norm scheme is defined on MoE is models.build.check_moe_scheme's."""
     def need(ok, message):
         if not ok:
             raise ConfigError(message)
 
     n, ep, pp = c.num_experts, c.expert_model_parallel_size, c.pipeline_model_parallel_size
     tp, etp = c.tensor_model_parallel_size, c.expert_tensor_parallel_size or c.tensor_model_parallel_size
-    scheme = NORM_SCHEMES[c.norm_scheme]
-    need(scheme.moe, f"--num-experts with --norm-scheme {c.norm_scheme}: {scheme.no_moe_reason}; use --norm-scheme "
-         "pre, lns, dyt or bhyt with MoE")
     need(not c.hybrid_layer_pattern, "--num-experts with --hybrid-layer-pattern: MoE layers are not mapped onto "
          "HybridModel's pattern here; leave --hybrid-layer-pattern out (GPTModel builds the MoE layers)")
     need(n % ep == 0, f"--num-experts {n} is not divisible by --expert-model-parallel-size {ep}; choose an "

@@ -32,6 +32,14 @@ def hybrid_pattern(c: PretrainConfig) -> Optional[str]:
         raise ConfigError(str(e)) from None
 
 
+def check_moe_scheme(c: PretrainConfig) -> None:
+    """An MoE run's --norm-scheme is one defined on MoE layers, or a ConfigError says why not."""
+    scheme = NORM_SCHEMES[c.norm_scheme]
+    if c.num_experts is not None and not scheme.moe:
+        raise ConfigError(f"--num-experts with --norm-scheme {c.norm_scheme}: {scheme.no_moe_reason}; use "
+                          "--norm-scheme pre, lns, dyt or bhyt with MoE")
+
+
 def dyt_alpha_init(c: PretrainConfig) -> tuple:
     """DyT's initial alpha at the pre-attention, pre-MLP and final positions (each defaults to --dyt-alpha-init)."""
     return tuple(c.dyt_alpha_init if v is None else v

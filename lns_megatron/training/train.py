@@ -25,7 +25,7 @@ from megatron.core.transformer.module import Float16Module
 
 from lns_megatron.config import ConfigError, PretrainConfig, moe_layer_pattern, unused_moe_flags, unused_scheme_flags, validate
 from lns_megatron.data import datasets, metadata
-from lns_megatron.models.build import build_model_chunk, hybrid_pattern
+from lns_megatron.models.build import build_model_chunk, check_moe_scheme, hybrid_pattern
 from lns_megatron.models.gpt import transformer_config
 from lns_megatron.schemes.lns import HAVE_TE
 from lns_megatron.training import checkpoint, distributed, probes, safety
@@ -153,6 +153,7 @@ def prepare_resume(c: PretrainConfig):
             print(f"lns-pretrain: --use-checkpoint-args: {', '.join(taken)} (from {directory})", flush=True)
     validate(c, torch.cuda.is_available(), HAVE_TE)
     hybrid_pattern(c)  # refuses a pattern that does not fit --num-layers and the pipeline layout
+    check_moe_scheme(c)
     try:  # megatron-core's own checks of the combination, before any process group or memory
         transformer_config(c)
     except (AssertionError, ValueError) as e:
