@@ -554,6 +554,9 @@ def validate_moe(c: PretrainConfig, cuda_available: bool, have_te: bool) -> None
          "--sequence-parallel (megatron-core's MoE layer refuses tensor parallelism without it in training)")
     need(c.moe_router_topk > 1 or c.moe_router_pre_softmax or c.moe_router_load_balancing_type == "sinkhorn",
          "--moe-router-topk 1 needs --moe-router-pre-softmax (a softmax over one expert has zero gradient)")
+    need(c.moe_router_load_balancing_type != "sinkhorn" or not c.moe_aux_loss_coeff,
+         f"--moe-router-load-balancing-type sinkhorn balances by routing and takes no aux loss (megatron-core "
+         f"asserts it in the first forward); give --moe-aux-loss-coeff 0, not {c.moe_aux_loss_coeff}")
     need(c.disable_bias_linear or etp == 1, f"--expert-tensor-parallel-size {etp}: megatron-core supports biases in "
          "experts only at 1; add --disable-bias-linear or use --expert-tensor-parallel-size 1")
     if c.moe_grouped_gemm:

@@ -20,6 +20,7 @@ RUNS = {
     "pre_tp2": (2, ["--preset", "tiny", "--norm-scheme", "pre", "--tensor-model-parallel-size", "2"]),
     "lns_pp2_tied": (2, [*LLAMA_TIED, "--norm-scheme", "lns", "--pipeline-model-parallel-size", "2"]),
     "lns_bf16": (1, ["--preset", "tiny", "--norm-scheme", "lns", "--bf16"]),  # what H100 runs save
+    "lns_moe": (1, ["--preset", "tiny-moe", "--norm-scheme", "lns"]),  # 4 experts, top-2
 }
 TOKENIZER_VOCAB = 201
 _trained = {}

@@ -108,10 +108,20 @@ def run_metrics(report) -> dict:
         "Δloss on removal, mean over the deeper half": float(np.mean(report.removal_delta_loss[half:])),
         "d(l, l+1), mean over the deeper half": float(np.mean([r[0] for r in report.angular_distance_all_tokens[half:]])),
         "relative contribution, mean over the deeper half": float(np.mean(report.relative_contribution[half:])),
+        # the layer-utilization metrics (utilization.py)
+        "useful-layer fraction": report.useful_fraction,
+        "linear-fit loss ratio, mean over layers": float(np.mean(report.linear_loss_ratio)),
+        "causal effect on the next layer, mean over layers": float(np.mean(
+            [row[0] for row in report.causal_effect if row])) if report.num_layers > 1 else 0.0,
+        "permutation score, mean over adjacent pairs": float(np.mean(report.permutation_score))
+        if report.permutation_score else 0.0,
+        "Jacobian ||J - I||_F / d, mean over the deeper half": float(np.mean(report.jacobian_deviation[half:])),
+        "Jacobian diagonal mean, mean over the deeper half": float(np.mean(report.jacobian_diagonal_mean[half:])),
     }
 
 
-def summarize(root: str, num_samples: int = 32, seed: int = 4321, device: str = None) -> dict:
+def summarize(root: str, num_samples: int = 32, seed: int = 4321, device: str = None,
+              fit_samples: int = None, jacobian_probes: int = 16) -> dict:
     from lns_megatron.diagnostics import report as depth
 
     runs = find_runs(root)
@@ -120,15 +130,18 @@ def summarize(root: str, num_samples: int = 32, seed: int = 4321, device: str = 
     check_fair(configs)
     first = next(iter(next(iter(runs.values())).values()))
     args = depth.build_parser().parse_args(["--load", os.path.join(first, "ckpt"), "--num-samples", str(num_samples),
-                                            "--seed", str(seed)] + (["--device", device] if device else []))
-    windows, where, per_run, reports = None, "", {}, {}
+                                            "--seed", str(seed)] + (["--device", device] if device else [])
+                                           + (["--fit-samples", str(fit_samples)] if fit_samples else []))
+    windows, fit_windows, where, per_run, reports = None, None, "", {}, {}
     for arm, seeds in runs.items():
         for s, path in seeds.items():
             loaded = load_model(os.path.join(path, "ckpt"), device=device)
             if windows is None:  # one set of held-out windows for every run
-                windows, where = depth.held_out_windows(loaded, args)
-                where += f"; {len(windows)} windows drawn at random (seed {seed})"
-            report = depth.analyze(loaded, windows, label=f"{arm} seed {s}", data=where)
+                windows, fit_windows, where = depth.held_out_windows(loaded, args)
+                where += (f"; {len(windows)} windows drawn at random (seed {seed}), and {len(fit_windows)} others "
+                          "for the linear fits")
+            report = depth.analyze(loaded, windows, fit_windows=fit_windows, label=f"{arm} seed {s}",
+                                   jacobian_probes=jacobian_probes, seed=seed, data=where)
             reports[(arm, s)] = report
             per_run[f"{arm}/seed{s}"] = dict(arm=arm, seed=s, iteration=loaded.iteration,
                                              validation_loss=last_validation_loss(os.path.join(path, "tb")),
@@ -147,7 +160,9 @@ def summarize(root: str, num_samples: int = 32, seed: int = 4321, device: str = 
                                                      "num_attention_heads", "seq_length", "global_batch_size",
                                                      "train_iters", "lr", "min_lr", "lr_warmup_iters",
                                                      "weight_decay", "clip_grad", "adam_beta2", "norm_epsilon",
-                                                     "data_path", "tokenizer_model", "recipe", "bf16")},
+                                                     "data_path", "tokenizer_model", "recipe", "bf16")}
+                | {k: reference[k] for k in ("num_experts", "moe_router_topk", "moe_ffn_hidden_size",
+                                             "moe_aux_loss_coeff") if reference.get(k)},
                 _reports=reports, _curves={k: validation_curve(os.path.join(p, "tb"))
                                            for arm, seeds in runs.items() for s, p in seeds.items()
                                            for k in [(arm, s)]})
@@ -171,7 +186,18 @@ def markdown(summary: dict) -> str:
             ("variance growth, layer 1 -> L", "variance growth, layer 1 -> L", 1),
             ("Δloss on removal, mean over the deeper half", "Δloss on removal, mean over the deeper half", 4),
             ("d(l, l+1), mean over the deeper half", "d(l, l+1), mean over the deeper half", 4),
-            ("relative contribution, mean over the deeper half", "relative contribution, mean over the deeper half", 4)]
+            ("relative contribution, mean over the deeper half", "relative contribution, mean over the deeper half", 4),
+            ("useful-layer fraction (loss ratio > 1.1 with the layer replaced by its linear fit)",
+             "useful-layer fraction", 3),
+            ("linear-fit loss ratio, mean over layers", "linear-fit loss ratio, mean over layers", 4),
+            ("causal effect on the next layer, mean over layers", "causal effect on the next layer, mean over layers",
+             4),
+            ("permutation score abs(Δloss) / loss, mean over adjacent pairs", "permutation score, mean over adjacent pairs",
+             4),
+            ("Jacobian ‖J − I‖_F / d, mean over the deeper half",
+             "Jacobian ||J - I||_F / d, mean over the deeper half", 4),
+            ("Jacobian diagonal mean, mean over the deeper half", "Jacobian diagonal mean, mean over the deeper half",
+             4)]
     seeds = {a: arms[a]["validation_loss"]["n"] for a in names}
     lines = ["# Norm-scheme comparison", "",
              f"Runs: `{summary['root']}`; arms differ in `--norm-scheme` and `--output-layer-init` only (checked "
@@ -194,7 +220,8 @@ def markdown(summary: dict) -> str:
             verdict = "exceeds" if abs(gap) > noise else "does not exceed"
             lines.append(f"- `{a}`: validation loss {gap:+.4f} against it; the gap {verdict} the seed range "
                          f"({noise:.4f}).")
-    lines += ["", "Plots: ![validation](validation_loss.png) ![variance](variance.png) ![removal](layer_removal.png)", ""]
+    lines += ["", "Plots: ![validation](validation_loss.png) ![variance](variance.png) ![removal](layer_removal.png) "
+              "![utilization](linear_fit.png) ![jacobian](jacobian.png)", ""]
     return "\n".join(lines)
 
 
@@ -230,7 +257,11 @@ def plot(summary: dict, directory: str) -> None:
     for name, attribute, title, ylabel, log in (
             ("variance.png", "variance", "Residual-stream output variance (mean over seeds)", "Var(h_l)", True),
             ("layer_removal.png", "removal_delta_loss", "Layer removal: loss increase (mean over seeds)",
-             "Δ loss (nats)", False)):
+             "Δ loss (nats)", False),
+            ("linear_fit.png", "linear_loss_ratio", "Usefulness: loss ratio, layer -> its linear fit (mean over seeds)",
+             "loss(linear) / loss", False),
+            ("jacobian.png", "jacobian_deviation", "Jacobian ||J - I||_F / d (mean over seeds)", "||J - I||_F / d",
+             True)):
         fig, ax = plt.subplots(figsize=size)
         for arm in arms:
             rows = np.array([getattr(r, attribute) for (a, _), r in reports.items() if a == arm])
@@ -262,7 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", required=True, help="AB_DIR of examples/ab_norm_schemes.sh (ARM/seedS/{ckpt,tb})")
     p.add_argument("--output", help="summary directory (default: RUNS/summary)")
     p.add_argument("--num-samples", type=int, default=32, help="held-out windows for the depth metrics")
-    p.add_argument("--seed", type=int, default=4321, help="seed of the windows' random draw")
+    p.add_argument("--fit-samples", type=int, help="other held-out windows for the usefulness metric's linear fits "
+                   "(default: --num-samples)")
+    p.add_argument("--jacobian-probes", type=int, default=16, help="random probes of the Jacobian estimator")
+    p.add_argument("--seed", type=int, default=4321, help="seed of the windows' random draw and the Jacobian probes")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     return p
 
@@ -273,7 +307,8 @@ def main(argv=None) -> int:
     from lns_megatron.training import distributed
 
     try:
-        summary = summarize(args.runs, args.num_samples, args.seed, args.device)
+        summary = summarize(args.runs, args.num_samples, args.seed, args.device, args.fit_samples,
+                            args.jacobian_probes)
         path = write(summary, args.output or os.path.join(args.runs, "summary"))
     except (ComparisonError, CheckpointError, ValueError) as e:
         print(f"ab_summary: error: {e}", file=sys.stderr, flush=True)
@@ -281,5 +316,6 @@ def main(argv=None) -> int:
     finally:
         distributed.destroy()
     print(markdown(summary))
-    print(f"ab_summary: wrote {path}/{{summary.md, summary.json, validation_loss.png, variance.png, layer_removal.png}}")
+    print(f"ab_summary: wrote {path}/{{summary.md, summary.json, validation_loss.png, variance.png, layer_removal.png, "
+          "linear_fit.png, jacobian.png}")
     return 0

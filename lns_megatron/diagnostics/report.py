@@ -9,7 +9,10 @@ embedding output, ``h_l`` the output of layer ``l``, before the final norm):
   offset ``n``, on the last token and averaged over all tokens (Gromov et al. 2024);
 - the loss and perplexity with layer ``l`` skipped (``h_l = h_{l-1}``, nothing fine-tuned);
 - the relative contribution ``||h_l - h_{l-1}|| / ||h_{l-1}||``;
-- the logit lens ``KL(p_l || p_L)``, with ``p_l = softmax(output_layer(final_norm(h_l)))``.
+- the logit lens ``KL(p_l || p_L)``, with ``p_l = softmax(output_layer(final_norm(h_l)))``;
+- the layer-utilization metrics of ``utilization.py``: usefulness (loss ratio with the layer replaced by
+  its least-squares linear map, fitted on other held-out windows), causal effect on the later layers,
+  permutation sensitivity of adjacent layers, and the Jacobian's deviation from identity.
 
 Losses and logit-lens distributions use the model's full (padded) output vocabulary, as the
 training loss does. Outputs: ``report.json`` (every number), PNG plots, ``summary.md``.
@@ -24,7 +27,6 @@ import math
 import os
 import sys
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import List
 
@@ -35,11 +37,15 @@ import torch.nn.functional as F
 from lns_megatron.data import metadata
 from lns_megatron.files import atomic_directory
 from lns_megatron.training.checkpoint import CheckpointError, LoadedModel, load_model
-from lns_megatron.training.probes import angular_distance, layer_input, layer_output
+from lns_megatron.diagnostics import utilization
+from lns_megatron.diagnostics.surgery import (forward_logits, lens_logits, recorded_hidden_states,  # noqa: F401
+                                              skipped_layer, swapped_layers)
+from lns_megatron.training.probes import angular_distance
 
 REPORT_FILE = "report.json"
 NOISE_MULTIPLE = 2.0  # a layer counts toward the effective depth when its Δloss exceeds this many standard errors
-PLOTS = ("variance.png", "angular_distance.png", "layer_removal.png", "contribution.png")
+PLOTS = ("variance.png", "angular_distance.png", "layer_removal.png", "contribution.png", "utilization.png",
+         "causal_effect.png")
 
 
 class ReportError(ValueError):
@@ -76,98 +82,59 @@ class DepthReport:
     effective_layers: List[int] = field(default_factory=list)
     embedding_norm: float = 0.0  # mean ||h_0||
     data: str = ""
+    # Layer utilization (utilization.py). Usefulness: the loss with layer l replaced by its least-squares affine
+    # map, fitted on fit_tokens tokens of other held-out windows; useful when linear_loss_ratio > useful_ratio.
+    fit_tokens: int = 0
+    linear_loss: List[float] = field(default_factory=list)
+    linear_loss_ratio: List[float] = field(default_factory=list)  # linear_loss / loss
+    useful_ratio: float = utilization.USEFUL_LOSS_RATIO
+    useful_layers: List[int] = field(default_factory=list)
+    useful_fraction: float = 0.0  # len(useful_layers) / num_layers
+    # causal_effect[s-1][j]: skipping layer s, mean||Δh_l(skip) - Δh_l|| / mean||Δh_l|| for l = s+1+j
+    causal_effect: List[List[float]] = field(default_factory=list)
+    # index i: layers i+1 and i+2 swapped; loss(swapped) - loss (signed), its stderr, and |Δ| / loss (the paper's)
+    permutation_delta_loss: List[float] = field(default_factory=list)
+    permutation_delta_loss_stderr: List[float] = field(default_factory=list)
+    permutation_score: List[float] = field(default_factory=list)
+    # ||J - I||_F / d and tr(J) / d of each layer, Hutchinson estimates over jacobian_probes Rademacher probes
+    jacobian_probes: int = 0
+    jacobian_deviation: List[float] = field(default_factory=list)
+    jacobian_deviation_stderr: List[float] = field(default_factory=list)
+    jacobian_diagonal_mean: List[float] = field(default_factory=list)
+    jacobian_diagonal_mean_stderr: List[float] = field(default_factory=list)
     layout: str = field(default="per-layer lists: index i is layer i+1 (1-based, global); angular_distance[l][n-1] "
                         "= arccos(cos(h_l, h_{l+n}))/pi, h_0 = embedding output, h_l = output of layer l")
-
-
-class recorded_hidden_states:
-    """Context manager: the residual stream of an unwrapped single-stage GPTModel during forwards.
-
-    ``states`` becomes ``[h_0, h_1, ..., h_L]``: ``h_0`` is the input of the first layer (the
-    embeddings), ``h_l`` the output of layer ``l``; each ``[s, b, hidden]``, detached, from the
-    last forward only.
-    """
-
-    def __init__(self, gpt_model):
-        self.layers = list(gpt_model.decoder.layers)
-        self.states: List[torch.Tensor] = []
-        self._handles = []
-
-    def _first_input(self, layer, args, kwargs):
-        self.states = [layer_input(args, kwargs).detach()]
-
-    def _output(self, layer, args, kwargs, output):
-        self.states.append(layer_output(output).detach())
-
-    def __enter__(self):
-        self._handles.append(self.layers[0].register_forward_pre_hook(self._first_input, with_kwargs=True))
-        self._handles += [l.register_forward_hook(self._output, with_kwargs=True) for l in self.layers]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-
-@contextmanager
-def skipped_layer(gpt_model, index: int):
-    """Run the block without ``decoder.layers[index]``: that layer returns its input unchanged.
-
-    Exact (the layer is not computed at all) and restored on exit, also on errors.
-    """
-    layer = gpt_model.decoder.layers[index]
-
-    def identity(*args, **kwargs):
-        return layer_input(args, kwargs), kwargs.get("context")
-
-    layer.forward = identity  # an instance attribute shadows the class's forward
-    try:
-        yield
-    finally:
-        del layer.forward
-
-
-def lens_logits(gpt_model, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits [b, s, vocab] of a residual-stream state [s, b, h]: final norm (none under Post-LN and DeepNorm,
-    whose layers end in a norm), then output layer."""
-    weight = gpt_model.shared_embedding_or_output_weight() if gpt_model.share_embeddings_and_output_weights else None
-    final_norm = gpt_model.decoder.final_layernorm
-    logits, _ = gpt_model.output_layer(hidden if final_norm is None else final_norm(hidden), weight=weight)
-    return logits.transpose(0, 1)
-
-
-def forward_logits(gpt_model, tokens: torch.Tensor) -> torch.Tensor:
-    """The model's logits [b, s, padded vocab] (causal mask, positions 0..s-1)."""
-    positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-    return gpt_model(tokens, positions, None)
 
 
 # ---------------------------------------------------------------------------------------- data
 
 
-def _draw(total_tokens: int, seq_length: int, num_samples: int, seed: int, source: str) -> np.ndarray:
-    """Start offsets of ``num_samples`` windows of ``seq_length + 1`` tokens, drawn at random (seeded) without
-    overlap from the whole stream, in increasing order."""
+def _draw(total_tokens: int, seq_length: int, num_samples: int, seed: int, source: str,
+          fit_samples: int = 0) -> np.ndarray:
+    """Start offsets of ``num_samples`` windows of ``seq_length + 1`` tokens and then of ``fit_samples`` more,
+    drawn at random (seeded) without overlap from the whole stream, each part in increasing order."""
     width = seq_length + 1
     available = total_tokens // width
     if available == 0:
         raise ReportError(f"{source}: {total_tokens} tokens, fewer than one sample of {width} "
                           f"(--seq-length {seq_length} + 1); give more text or a shorter --seq-length")
     n = min(num_samples, available)
-    if n < num_samples:
-        print(f"depth_report: {source} holds only {n} samples of {width} tokens (asked for {num_samples})", flush=True)
-    slots = np.random.default_rng(seed).choice(available, size=n, replace=False)
-    return np.sort(slots) * width
+    fit = min(fit_samples, available - n)
+    if n < num_samples or fit < fit_samples:
+        print(f"depth_report: {source} holds only {n} + {fit} samples of {width} tokens (asked for {num_samples} "
+              f"+ {fit_samples} for the linear fits)", flush=True)
+    slots = np.random.default_rng(seed).choice(available, size=n + fit, replace=False)
+    return np.concatenate([np.sort(slots[:n]), np.sort(slots[n:])]) * width
 
 
-def _windows(stream: List[int], seq_length: int, num_samples: int, seed: int, source: str) -> torch.Tensor:
-    starts = _draw(len(stream), seq_length, num_samples, seed, source)
+def _windows(stream: List[int], seq_length: int, num_samples: int, seed: int, source: str,
+             fit_samples: int = 0) -> torch.Tensor:
+    starts = _draw(len(stream), seq_length, num_samples, seed, source, fit_samples)
     stream = np.asarray(stream, dtype=np.int64)
     return torch.tensor(np.stack([stream[s:s + seq_length + 1] for s in starts]))
 
 
-def _jsonl_windows(path, json_key, tokenizer, seq_length, num_samples, seed):
+def _jsonl_windows(path, json_key, tokenizer, seq_length, num_samples, seed, fit_samples=0):
     if not os.path.isfile(path):
         raise ReportError(f"--input {path}: no such file; give a JSON-lines file with a {json_key!r} field per line")
     stream: List[int] = []
@@ -184,10 +151,10 @@ def _jsonl_windows(path, json_key, tokenizer, seq_length, num_samples, seed):
                 stream += tokenizer.tokenize(text) + [tokenizer.eod]
             except ValueError as e:  # e.g. NullTokenizer text that is not integer ids
                 raise ReportError(f"--input {path}:{number}: the {tokenizer.kind} cannot tokenize it ({e})") from None
-    return _windows(stream, seq_length, num_samples, seed, f"--input {path}")
+    return _windows(stream, seq_length, num_samples, seed, f"--input {path}", fit_samples)
 
 
-def _indexed_windows(prefix, split, seq_length, num_samples, tokenizer, vocab_limit, seed):
+def _indexed_windows(prefix, split, seq_length, num_samples, tokenizer, vocab_limit, seed, fit_samples=0):
     from megatron.core.datasets.blended_megatron_dataset_config import convert_split_vector_to_split_matrix
 
     from lns_megatron.config import ConfigError
@@ -214,7 +181,7 @@ def _indexed_windows(prefix, split, seq_length, num_samples, tokenizer, vocab_li
     ends = np.cumsum(dataset.sequence_lengths[first:last].astype(np.int64))
     source = f"--data-path {prefix} (documents {first}..{last})"
     rows = []
-    for start in _draw(int(ends[-1]) if len(ends) else 0, seq_length, num_samples, seed, source):
+    for start in _draw(int(ends[-1]) if len(ends) else 0, seq_length, num_samples, seed, source, fit_samples):
         doc = int(np.searchsorted(ends, start, side="right"))
         offset = int(start - (ends[doc - 1] if doc else 0))
         pieces, need = [], seq_length + 1
@@ -232,58 +199,79 @@ def _indexed_windows(prefix, split, seq_length, num_samples, tokenizer, vocab_li
     return windows
 
 
-def _mock_windows(c, tokenizer, seq_length, num_samples, seed):
-    """Held-out samples of megatron's MockGPTDataset (what a --mock-data run trained on), drawn at random."""
+def _mock_windows(c, tokenizer, seq_length, num_samples, seed, fit_samples=0):
+    """Held-out samples of megatron's MockGPTDataset (what a --mock-data run trained on), drawn at random:
+    ``num_samples`` and then ``fit_samples`` others."""
     from lns_megatron.data import datasets
 
     mock = dataclasses.replace(c, mock_data=True, data_path=None, seq_length=seq_length, train_iters=1,
-                               eval_interval=1, eval_iters=1, global_batch_size=4 * num_samples, seed=seed,
-                               split="0,1,0", data_cache_path=None)
+                               eval_interval=1, eval_iters=1, global_batch_size=4 * (num_samples + fit_samples),
+                               seed=seed, split="0,1,0", data_cache_path=None)
     valid = datasets.build_datasets(mock, tokenizer)[1]
-    picks = np.random.default_rng(seed).choice(len(valid), size=min(num_samples, len(valid)), replace=False)
-    samples = [valid[int(i)] for i in np.sort(picks)]
+    picks = np.random.default_rng(seed).choice(len(valid), size=min(num_samples + fit_samples, len(valid)),
+                                               replace=False)
+    picks = np.concatenate([np.sort(picks[:num_samples]), np.sort(picks[num_samples:])])
+    samples = [valid[int(i)] for i in picks]
     return torch.stack([torch.cat([torch.as_tensor(s["tokens"]), torch.as_tensor(s["labels"])[-1:]])
                         for s in samples]).long()
 
 
-def held_out_windows(loaded: LoadedModel, args) -> (torch.Tensor, str):
-    """[num_samples, seq_length + 1] token windows and a description of where they came from."""
+def held_out_windows(loaded: LoadedModel, args) -> (torch.Tensor, torch.Tensor, str):
+    """Held-out token windows ``[n, seq_length + 1]``: ``--num-samples`` to measure on, ``--fit-samples``
+    others to fit the usefulness metric's linear maps on, and a description of where they came from."""
     c = loaded.config
     seq = args.seq_length or c.seq_length
+    n, fit = args.num_samples, args.num_samples if args.fit_samples is None else args.fit_samples
     if seq > c.max_position_embeddings:
         raise ReportError(f"--seq-length {seq} exceeds the model's --max-position-embeddings "
                           f"{c.max_position_embeddings}; give a shorter --seq-length")
     if args.input:
-        return (_jsonl_windows(args.input, args.json_key, loaded.tokenizer, seq, args.num_samples, args.seed),
-                f"--input {args.input} ({loaded.tokenizer.kind})")
-    if args.data_path:
+        windows = _jsonl_windows(args.input, args.json_key, loaded.tokenizer, seq, n, args.seed, fit)
+        where = f"--input {args.input} ({loaded.tokenizer.kind})"
+    elif args.data_path:
         split = args.split
         if split is None and c.data_path and args.data_path in c.data_path:
             split = c.split  # the run's own data: use its validation split only
         where = f"--data-path {args.data_path}" + (f" (validation part of split {split})" if split else "")
-        windows = _indexed_windows(args.data_path, split, seq, args.num_samples, loaded.tokenizer,
-                                   loaded.model.vocab_size, args.seed)
-        return windows, where
-    if args.mock_data or c.mock_data:
-        return (_mock_windows(c, loaded.tokenizer, seq, args.num_samples, args.seed),
-                f"megatron MockGPTDataset (seed {args.seed})")
-    if c.data_path:
+        windows = _indexed_windows(args.data_path, split, seq, n, loaded.tokenizer, loaded.model.vocab_size,
+                                   args.seed, fit)
+    elif args.mock_data or c.mock_data:
+        windows = _mock_windows(c, loaded.tokenizer, seq, n, args.seed, fit)
+        where = f"megatron MockGPTDataset (seed {args.seed})"
+    elif c.data_path:
         prefix = c.data_path[-1]
-        return (_indexed_windows(prefix, c.split, seq, args.num_samples, loaded.tokenizer, loaded.model.vocab_size,
-                                 args.seed),
-                f"--data-path {prefix} (validation part of split {c.split}, from the run's config)")
-    raise ReportError("no held-out data: give --input FILE.jsonl, --data-path PREFIX or --mock-data")
+        windows = _indexed_windows(prefix, c.split, seq, n, loaded.tokenizer, loaded.model.vocab_size, args.seed, fit)
+        where = f"--data-path {prefix} (validation part of split {c.split}, from the run's config)"
+    else:
+        raise ReportError("no held-out data: give --input FILE.jsonl, --data-path PREFIX or --mock-data")
+    fit_tokens = (len(windows) - n) * seq
+    if fit_tokens <= c.hidden_size:  # fewer equations than unknowns: the fitted map would interpolate
+        raise ReportError(f"--fit-samples {fit}: {max(len(windows) - n, 0)} windows of {seq} tokens beside the "
+                          f"{min(n, len(windows))} measured on, fewer tokens than --hidden-size {c.hidden_size} + 1, "
+                          "so the usefulness metric's linear maps cannot be fitted; give more held-out text, or "
+                          "fewer --num-samples and more --fit-samples")
+    return windows[:n], windows[n:], where
 
 
 # ------------------------------------------------------------------------------------- analysis
 
 
 @torch.no_grad()
-def analyze(loaded: LoadedModel, windows: torch.Tensor, *, label: str, micro_batch_size: int = 4,
-            threshold: float = 0.01, data: str = "") -> DepthReport:
+def analyze(loaded: LoadedModel, windows: torch.Tensor, *, fit_windows: torch.Tensor, label: str,
+            micro_batch_size: int = 4, threshold: float = 0.01, jacobian_probes: int = 16, seed: int = 4321,
+            data: str = "") -> DepthReport:
+    """Every metric of the report on ``windows``; the usefulness metric's linear maps are fitted on
+    ``fit_windows`` (other held-out windows)."""
     model = loaded.model
     device = next(model.parameters()).device
     L = len(model.decoder.layers)
+    if jacobian_probes < 2:
+        raise ReportError(f"--jacobian-probes {jacobian_probes}: the estimator's standard error needs at least 2")
+    linear_maps, fit_tokens = utilization.fit_linear_maps(model, fit_windows, micro_batch_size)
+    causal = utilization.CausalEffect(L)
+    jacobian = utilization.JacobianProbes(utilization.rademacher_probes(L, jacobian_probes, linear_maps[0].shape[1],
+                                                                        seed))
+    linear_nll, swap_nll = [[] for _ in range(L)], [[] for _ in range(L - 1)]
     f64 = dict(dtype=torch.float64, device="cpu")
     total, sumsq, count = torch.zeros(L, **f64), torch.zeros(L, **f64), 0
     norm, contribution, kl = torch.zeros(L, **f64), torch.zeros(L, **f64), torch.zeros(L, **f64)
@@ -323,9 +311,19 @@ def analyze(loaded: LoadedModel, windows: torch.Tensor, *, label: str, micro_bat
                 d = angular_distance(states[l], states[m])  # [s, b]
                 ang_all[l, m] += d.sum()
                 ang_last[l, m] += d[-1].sum()
+        base_deltas = causal.deltas(rec.states)
+        causal.add_base(base_deltas)
         for k in range(L):
-            with skipped_layer(model, k):
+            with skipped_layer(model, k), recorded_hidden_states(model) as skipped:
                 removal_nll[k].append(nll(forward_logits(model, tokens), labels))
+            causal.add_skip(k, base_deltas, causal.deltas(skipped.states))
+            with utilization.linear_layer(model, k, linear_maps[k]):
+                linear_nll[k].append(nll(forward_logits(model, tokens), labels))
+        del base_deltas
+        for k in range(L - 1):
+            with swapped_layers(model, k):
+                swap_nll[k].append(nll(forward_logits(model, tokens), labels))
+        jacobian.add(model, tokens)
         tokens_seen += n_tok
         samples_seen += tokens.shape[0]
 
@@ -341,6 +339,13 @@ def analyze(loaded: LoadedModel, windows: torch.Tensor, *, label: str, micro_bat
     needed = [max(threshold, NOISE_MULTIPLE * e) for e in stderr]
     ang_all /= tokens_seen
     ang_last /= samples_seen
+    linear = [torch.cat(r).sum().item() / tokens_seen for r in linear_nll]
+    ratio = [x / loss for x in linear]
+    useful = [l + 1 for l, r in enumerate(ratio) if r > utilization.USEFUL_LOSS_RATIO]
+    swap_delta = [torch.cat(r).sum().item() / tokens_seen - loss for r in swap_nll]
+    swap_window_delta = [(torch.cat(r) - base) / per_window for r in swap_nll]
+    swap_stderr = [d.std().item() / math.sqrt(len(d)) if len(d) > 1 else float("inf") for d in swap_window_delta]
+    deviation, deviation_err, diagonal, diagonal_err = jacobian.estimates()
     return DepthReport(
         label=label, checkpoint=loaded.directory, iteration=loaded.iteration, norm_scheme=loaded.config.norm_scheme,
         num_layers=L, num_samples=samples_seen, num_tokens=tokens_seen, seq_length=windows.shape[1] - 1,
@@ -357,6 +362,12 @@ def analyze(loaded: LoadedModel, windows: torch.Tensor, *, label: str, micro_bat
         threshold=threshold, effective_depth=sum(d > n for d, n in zip(delta, needed)),
         effective_layers=[l + 1 for l, (d, n) in enumerate(zip(delta, needed)) if d > n],
         embedding_norm=embedding_norm / tokens_seen, data=data,
+        fit_tokens=fit_tokens, linear_loss=linear, linear_loss_ratio=ratio, useful_layers=useful,
+        useful_fraction=len(useful) / L, causal_effect=causal.matrix(),
+        permutation_delta_loss=swap_delta, permutation_delta_loss_stderr=swap_stderr,
+        permutation_score=[abs(d) / loss for d in swap_delta],
+        jacobian_probes=jacobian_probes, jacobian_deviation=deviation, jacobian_deviation_stderr=deviation_err,
+        jacobian_diagonal_mean=diagonal, jacobian_diagonal_mean_stderr=diagonal_err,
     )
 
 
@@ -443,6 +454,45 @@ def plot(reports: List[DepthReport], directory: str) -> List[str]:
         ax.legend()
         ax.grid(alpha=0.3)
     save(fig, "contribution.png")
+
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6.4))
+    for k, (r, x, color) in enumerate(zip(reports, layers, colors)):
+        offset = (k - (len(reports) - 1) / 2) * width
+        axes[0, 0].plot(x, r.linear_loss_ratio, "o-", color=color,
+                        label=f"{r.label} (useful {len(r.useful_layers)} of {r.num_layers})")
+        axes[0, 1].bar(x[:-1] + offset, r.permutation_delta_loss, width, color=color, label=r.label,
+                       yerr=NOISE_MULTIPLE * np.asarray(r.permutation_delta_loss_stderr), capsize=2, ecolor="black")
+        axes[1, 0].errorbar(x, r.jacobian_deviation, yerr=NOISE_MULTIPLE * np.asarray(r.jacobian_deviation_stderr),
+                            fmt="o-", color=color, capsize=2, label=r.label)
+        axes[1, 1].errorbar(x, r.jacobian_diagonal_mean,
+                            yerr=NOISE_MULTIPLE * np.asarray(r.jacobian_diagonal_mean_stderr), fmt="o-", color=color,
+                            capsize=2, label=r.label)
+    axes[0, 0].axhline(reports[0].useful_ratio, color="gray", linestyle="--", linewidth=1,
+                       label=f"useful above {reports[0].useful_ratio:g}")
+    axes[0, 0].set(title="Usefulness: loss ratio, layer -> its linear fit", xlabel="layer",
+                   ylabel="loss(linear) / loss")
+    axes[0, 1].axhline(0.0, color="black", linewidth=0.8)
+    axes[0, 1].set(title=f"Permutation: Δloss, l and l+1 swapped (± {NOISE_MULTIPLE:g} s.e.)", xlabel="l",
+                   ylabel="Δ loss (nats)")
+    axes[1, 0].set(title=f"Jacobian: ||J - I||_F / d (± {NOISE_MULTIPLE:g} s.e.)", xlabel="layer",
+                   ylabel="||J - I||_F / d")
+    axes[1, 1].axhline(1.0, color="gray", linestyle="--", linewidth=1)
+    axes[1, 1].set(title=f"Jacobian: diagonal mean (± {NOISE_MULTIPLE:g} s.e.)", xlabel="layer", ylabel="tr(J) / d")
+    for ax in axes.flat:
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    save(fig, "utilization.png")
+
+    fig, axes = plt.subplots(1, len(reports), figsize=(4.4 * len(reports), 3.6), squeeze=False)
+    for ax, r in zip(axes[0], reports):
+        m = np.full((r.num_layers, r.num_layers), np.nan)  # [s - 1, l - 1], defined for l > s
+        for s, row in enumerate(r.causal_effect):
+            m[s, s + 1:] = row
+        image = ax.imshow(m, origin="lower", cmap="magma", extent=(0.5, r.num_layers + 0.5, 0.5, r.num_layers + 0.5),
+                          aspect="auto", vmin=0.0)
+        ax.set(title=f"{r.label}: causal effect", xlabel="affected layer l", ylabel="skipped layer s")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    save(fig, "causal_effect.png")
     return written
 
 
@@ -468,6 +518,19 @@ def summary_markdown(reports: List[DepthReport]) -> str:
          lambda r: f"{deep_half([row[0] for row in r.angular_distance_all_tokens]):.4f}"),
         ("relative contribution, mean over the deeper half", lambda r: f"{deep_half(r.relative_contribution):.4f}"),
         ("logit-lens KL at layer L/2", lambda r: f"{r.logit_lens_kl[max(r.num_layers // 2 - 1, 0)]:.4f}"),
+        ("**useful layers** (loss ratio > {:g} with the layer replaced by its linear fit)".format(
+            reports[0].useful_ratio), lambda r: f"**{len(r.useful_layers)} of {r.num_layers}** "
+                                                f"({r.useful_fraction:.2f}): {r.useful_layers}"),
+        ("linear-fit loss ratio, mean over layers / deeper half", lambda r: "{:.4f} / {:.4f}".format(
+            np.mean(r.linear_loss_ratio), deep_half(r.linear_loss_ratio))),
+        ("causal effect on the next layer, mean over layers", lambda r: "{:.4f}".format(
+            np.mean([row[0] for row in r.causal_effect if row]) if r.num_layers > 1 else float("nan"))),
+        ("permutation score abs(Δloss) / loss, mean over adjacent pairs", lambda r: "{:.4f}".format(
+            np.mean(r.permutation_score) if r.permutation_score else float("nan"))),
+        ("Jacobian ‖J − I‖_F / d, mean over the deeper half", lambda r: "{:.4g} (± {:.2g} s.e.)".format(
+            deep_half(r.jacobian_deviation), _mean_stderr(r.jacobian_deviation_stderr[r.num_layers // 2:]))),
+        ("Jacobian diagonal mean, mean over the deeper half", lambda r: "{:.4f} (± {:.2g} s.e.)".format(
+            deep_half(r.jacobian_diagonal_mean), _mean_stderr(r.jacobian_diagonal_mean_stderr[r.num_layers // 2:]))),
     ]
     lines = ["# Depth report", "", f"Held-out data: {reports[0].data}", "",
              "| | " + " | ".join(r.label for r in reports) + " |", "|---" * (len(reports) + 1) + "|"]
@@ -476,8 +539,20 @@ def summary_markdown(reports: List[DepthReport]) -> str:
               "raises the held-out loss by more than the threshold and by more than twice its standard error across "
               "the windows (Δloss is signed; a negative one means the model does better without the layer). Deep layers that are near-identity maps (the "
               "curse of depth) have small Δloss, small d(l, l+1) and small relative contribution.", "",
+              "Layer utilization: a layer is useful when replacing it by its least-squares affine map (fitted on "
+              f"{reports[0].fit_tokens} tokens of other held-out windows) raises the loss by more than "
+              f"{reports[0].useful_ratio:g}x. Causal effect of layer s on layer l > s: "
+              "mean||Δh_l(s skipped) - Δh_l|| / mean||Δh_l||. Permutation score: |loss(l, l+1 swapped) - loss| / "
+              "loss. Jacobian J = (1/N) sum_t' sum_t dh_l[t]/dh_{l-1}[t'] (J = I for an identity layer), "
+              f"estimated with {reports[0].jacobian_probes} Rademacher probes; s.e. is the estimator's standard "
+              "error over the probes.", "",
               "Plots: " + ", ".join(f"![{p}]({p})" for p in PLOTS), ""]
     return "\n".join(lines)
+
+
+def _mean_stderr(stderrs: List[float]) -> float:
+    """Standard error of the mean of independent estimates with these standard errors."""
+    return float(np.sqrt(np.sum(np.square(stderrs))) / max(len(stderrs), 1))
 
 
 def write_outputs(reports: List[DepthReport], output: str, args_dict: dict) -> str:
@@ -497,7 +572,8 @@ def write_outputs(reports: List[DepthReport], output: str, args_dict: dict) -> s
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="depth_report", description="Per-layer depth diagnostics of lns_megatron "
-                                "checkpoints: variance, angular distance, layer removal, contribution, logit lens")
+                                "checkpoints: variance, angular distance, layer removal, contribution, logit lens, "
+                                "and layer utilization (usefulness, causal effect, permutation, Jacobian)")
     p.add_argument("--load", required=True, help="checkpoint directory (a run's --save, or one iter_* dir)")
     p.add_argument("--compare", help="a second checkpoint, reported side by side")
     p.add_argument("--label", help="name of --load in plots (default: its norm scheme)")
@@ -516,7 +592,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--threshold", type=float, default=0.01,
                    help="|Δloss| (nats) above which a removed layer counts toward the effective depth")
-    p.add_argument("--seed", type=int, default=4321, help="seed of the random draw of held-out windows")
+    p.add_argument("--fit-samples", type=int, help="held-out sequences, others than --num-samples, on which the "
+                   "usefulness metric fits each layer's linear replacement (default: --num-samples)")
+    p.add_argument("--jacobian-probes", type=int, default=16, help="random probes of the Jacobian estimator "
+                   "(its standard error falls as 1/sqrt of this; one backward pass each)")
+    p.add_argument("--seed", type=int, default=4321, help="seed of the random draw of held-out windows and of the "
+                   "Jacobian probes")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--output", default="depth_report", help="directory for report.json, the PNGs and summary.md")
     return p
@@ -527,14 +608,19 @@ def run(args) -> List[DepthReport]:
         raise ReportError("give one of --input, --data-path and --mock-data")
     if args.num_samples < 1 or args.micro_batch_size < 1:
         raise ReportError("--num-samples and --micro-batch-size must be positive")
-    reports, windows, where, first = [], None, "", None
+    if args.fit_samples is not None and args.fit_samples < 1:
+        raise ReportError(f"--fit-samples {args.fit_samples}: the linear fits need held-out windows; give at least 1")
+    if args.jacobian_probes < 2:
+        raise ReportError(f"--jacobian-probes {args.jacobian_probes}: the estimator's standard error needs at least 2")
+    reports, windows, fit_windows, where, first = [], None, None, "", None
     for root, label in ((args.load, args.label), (args.compare, args.compare_label)):
         if root is None:
             continue
         loaded = load_model(root, args.tokenizer_model, args.tokenizer_type, args.device)
         if windows is None:  # one data source for every run, so that their numbers compare
-            windows, where = held_out_windows(loaded, args)
-            where += f"; {len(windows)} windows of {windows.shape[1] - 1} tokens drawn at random (seed {args.seed})"
+            windows, fit_windows, where = held_out_windows(loaded, args)
+            where += (f"; {len(windows)} windows of {windows.shape[1] - 1} tokens drawn at random (seed {args.seed}), "
+                      f"and {len(fit_windows)} others for the linear fits")
             first = loaded
         else:
             if metadata.tokenizer_mismatch(metadata.tokenizer_identity(first.tokenizer),
@@ -547,8 +633,13 @@ def run(args) -> List[DepthReport]:
         label = label or loaded.config.norm_scheme
         if any(r.label == label for r in reports):
             label = f"{label} ({os.path.basename(os.path.normpath(root))})"
-        reports.append(analyze(loaded, windows, label=label, micro_batch_size=args.micro_batch_size,
-                               threshold=args.threshold, data=where))
+        if loaded.config.hidden_size >= (fit_windows.shape[1] - 1) * len(fit_windows):
+            raise ReportError(f"--compare {root}: its --hidden-size {loaded.config.hidden_size} needs more than "
+                              f"{(fit_windows.shape[1] - 1) * len(fit_windows)} tokens for the linear fits; give more "
+                              "--fit-samples")
+        reports.append(analyze(loaded, windows, fit_windows=fit_windows, label=label,
+                               micro_batch_size=args.micro_batch_size, threshold=args.threshold,
+                               jacobian_probes=args.jacobian_probes, seed=args.seed, data=where))
         del loaded
     return reports
 

@@ -173,6 +173,8 @@ def _common_state_in_this_layout(state: dict, optimizers: list) -> dict:
 
     parts = sorted(k for k in state if isinstance(k, int))
     common = {k: v for k, v in state.items() if not isinstance(k, int)}
+    if parts and "param_groups" in common:  # megatron's (non-distributed) optimizer of torch Adam
+        return _torch_adam_state_in_this_layout(state, parts, common, optimizers)
     if len(optimizers) == 1 and parts:  # saved chained, loading one: the dense part's common state
         dense = [k for k in parts if not expert_parallel(state[k].get("optimizer", {}).get("param_groups"))]
         saved = {k: v for k, v in state[(dense or parts)[0]].items() if k != "param_state"}
@@ -187,6 +189,39 @@ def _common_state_in_this_layout(state: dict, optimizers: list) -> dict:
             out[k] = {**shared, **state[k]}
         return out
     return state
+
+
+def _torch_adam_state_in_this_layout(state: dict, parts: list, common: dict, optimizers: list) -> dict:
+    """:func:`_common_state_in_this_layout` for the non-distributed optimizer. Its per-parameter state comes
+    back in this run's layout; its parameter groups' settings and Adam's ``common_step`` in the saved one
+    (one optimizer's at top level, or a chained one's per part). Each of this run's groups takes the saved
+    group with its settings (weight-decay and lr multipliers), and its own ``params`` and expert mark."""
+    def settings(group):
+        return tuple(group.get(k) for k in ("wd_mult", "lr_mult", "is_decoupled_lr"))
+
+    def matched(saved_groups, live_groups, template_groups):
+        saved_groups = sorted(saved_groups, key=lambda g: bool(g.get("is_expert_parallel")))  # dense first
+        out = []
+        for live, template in zip(live_groups, template_groups):
+            match = next((g for g in saved_groups if settings(g) == settings(live)), None)
+            if match is None:
+                raise CheckpointError(f"the checkpoint has no optimizer parameter group with weight-decay and lr "
+                                      f"multipliers {settings(live)[:2]}; resume with the flags it was saved with")
+            out.append({**match, "params": template["params"], "is_expert_parallel": live.get("is_expert_parallel")})
+        return out
+
+    if len(optimizers) == 1:  # saved chained (EP > 1), loading one
+        saved_groups = [g for k in parts for g in state[k]["param_groups"]]
+        step = next((state[k]["state"]["common_step"] for k in parts if "common_step" in state[k].get("state", {})),
+                    None)
+        groups = matched(saved_groups, optimizers[0].optimizer.param_groups, common["param_groups"])
+        return {**common, "param_groups": groups,
+                "state": {**common["state"], **({"common_step": step} if step is not None else {})}}
+    out = {}  # saved as one, loading chained: the one's settings and step into every part
+    for k in parts:
+        groups = matched(common["param_groups"], optimizers[k].optimizer.param_groups, state[k]["param_groups"])
+        out[k] = {**state[k], "param_groups": groups, "state": {**state[k]["state"], **common.get("state", {})}}
+    return out
 
 
 def _sharded_state(model: List, optimizer, is_loading: bool, metadata: dict) -> dict:

@@ -35,8 +35,9 @@ def ab_runs(tmp_path_factory):
 
 def test_summary_of_arms_and_seeds(ab_runs):
     root, stdout = ab_runs
-    assert sorted(os.listdir(root / "summary")) == ["layer_removal.png", "summary.json", "summary.md",
-                                                     "validation_loss.png", "variance.png"]
+    assert sorted(os.listdir(root / "summary")) == ["jacobian.png", "layer_removal.png", "linear_fit.png",
+                                                     "summary.json", "summary.md", "validation_loss.png",
+                                                     "variance.png"]
     summary = json.load(open(root / "summary" / "summary.json"))
     assert sorted(summary["arms"]) == ["lns-plain", "pre-scaled"]
     assert summary["arms"]["pre-scaled"]["config"] == {"norm_scheme": "pre", "output_layer_init": "scaled"}
@@ -47,9 +48,14 @@ def test_summary_of_arms_and_seeds(ab_runs):
     runs = summary["runs"]
     assert sorted(runs) == ["lns-plain/seed1", "lns-plain/seed2", "pre-scaled/seed1", "pre-scaled/seed2"]
     assert all(r["iteration"] == 4 for r in runs.values())
+    for r in runs.values():  # the layer-utilization metrics, per run and per arm
+        assert 0.0 <= r["useful-layer fraction"] <= 1.0 and r["linear-fit loss ratio, mean over layers"] > 0
+        assert r["Jacobian ||J - I||_F / d, mean over the deeper half"] > 0
+        assert r["causal effect on the next layer, mean over layers"] > 0
+    assert summary["arms"]["lns-plain"]["permutation score, mean over adjacent pairs"]["n"] == 2
     md = (root / "summary" / "summary.md").read_text()
     assert "lns-plain (2 seeds)" in md and "Against the baseline `pre-scaled`" in md and "± " in md
-    assert "Norm-scheme comparison" in stdout
+    assert "Norm-scheme comparison" in stdout and "useful-layer fraction" in md and "Jacobian" in md
 
 
 def test_runs_that_differ_in_more_than_the_arm_are_refused(ab_runs, tmp_path):
@@ -67,7 +73,7 @@ def test_runs_that_differ_in_more_than_the_arm_are_refused(ab_runs, tmp_path):
 def test_every_scheme_under_one_script(tmp_path):
     """examples/ab_norm_schemes.sh: SCHEMES x INITS arms, with megatron-core's Pre-LN (pre:scaled) always one
     of them, through the real launcher and driver, summarized against it."""
-    run_ab("ab_norm_schemes.sh", tmp_path, SCHEMES="peri-lns dyt", INITS="plain", SEEDS="1", NUM_SAMPLES="2",
+    run_ab("ab_norm_schemes.sh", tmp_path, SCHEMES="peri-lns dyt", INITS="plain", SEEDS="1", NUM_SAMPLES="3",
            TRAIN_ITERS="2")
     summary = json.load(open(tmp_path / "summary" / "summary.json"))
     assert sorted(summary["arms"]) == ["dyt-plain", "peri-lns-plain", "pre-scaled"]
@@ -76,12 +82,12 @@ def test_every_scheme_under_one_script(tmp_path):
 
 
 def test_plots_of_the_default_eighteen_arms(ab_runs, tmp_path):
-    """ab_norm_schemes.sh's default (every scheme x both inits, 18 arms) gets its three plots: the real runs'
+    """ab_norm_schemes.sh's default (every scheme x both inits, 18 arms) gets its five plots: the real runs'
     reports and curves, relabelled as 18 arms (a six-color palette once failed here, after the whole A/B)."""
     from lns_megatron.schemes import NORM_SCHEMES
 
     root, _ = ab_runs
-    summary = ab.summarize(str(root), num_samples=2)
+    summary = ab.summarize(str(root), num_samples=2, fit_samples=3, jacobian_probes=2)
     key = next(iter(summary["_reports"]))
     report, curve = summary["_reports"][key], summary["_curves"][key]
     arms, reports, curves = {}, {}, {}
@@ -93,4 +99,5 @@ def test_plots_of_the_default_eighteen_arms(ab_runs, tmp_path):
                 reports[(arm, seed)], curves[(arm, seed)] = report, curve
     assert len(arms) == 18
     ab.plot(dict(summary, arms=arms, _reports=reports, _curves=curves), str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["layer_removal.png", "validation_loss.png", "variance.png"]
+    assert sorted(os.listdir(tmp_path)) == ["jacobian.png", "layer_removal.png", "linear_fit.png",
+                                            "validation_loss.png", "variance.png"]

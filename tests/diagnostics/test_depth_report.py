@@ -41,12 +41,13 @@ def loaded_lns(checkpoints):
         distributed.destroy()
 
 
-def held_out(loaded, num_samples=3):
+def held_out(loaded, num_samples=3, fit_samples=4):
+    """(windows to measure on, other windows for the linear fits), from megatron's mock dataset."""
     from lns_megatron.diagnostics.report import build_parser, held_out_windows
 
-    windows, _ = held_out_windows(loaded, build_parser().parse_args(
-        ["--load", "unused", "--mock-data", "--num-samples", str(num_samples)]))
-    return windows
+    windows, fit, _ = held_out_windows(loaded, build_parser().parse_args(
+        ["--load", "unused", "--mock-data", "--num-samples", str(num_samples), "--fit-samples", str(fit_samples)]))
+    return windows, fit
 
 
 def test_report_of_pre_and_lns_side_by_side(checkpoints, tmp_path):
@@ -98,8 +99,8 @@ def test_statistics_match_an_independent_computation(loaded_lns):
     from lns_megatron.diagnostics.report import analyze
 
     model = loaded_lns.model
-    windows = held_out(loaded_lns)
-    report = analyze(loaded_lns, windows, label="lns", micro_batch_size=len(windows))
+    windows, fit = held_out(loaded_lns)
+    report = analyze(loaded_lns, windows, fit_windows=fit, label="lns", micro_batch_size=len(windows))
     tokens, labels = windows[:, :-1], windows[:, 1:]
 
     captured = []
@@ -144,7 +145,7 @@ def test_removing_a_layer_changes_the_output_exactly_as_skipping_it(loaded_lns):
     from lns_megatron.diagnostics.report import analyze, forward_logits, skipped_layer
 
     model = loaded_lns.model
-    windows = held_out(loaded_lns, num_samples=2)
+    windows, fit = held_out(loaded_lns, num_samples=2)
     tokens = windows[:, :-1]
     with torch.no_grad():
         full = forward_logits(model, tokens)
@@ -160,7 +161,7 @@ def test_removing_a_layer_changes_the_output_exactly_as_skipping_it(loaded_lns):
             assert (skipped - full).abs().max() > 1e-2, f"skipping layer {k + 1} left the logits unchanged"
         torch.testing.assert_close(forward_logits(model, tokens), full, rtol=0, atol=0)  # restored
 
-    report = analyze(loaded_lns, windows, label="lns")
+    report = analyze(loaded_lns, windows, fit_windows=fit, label="lns")
     assert all(abs(d) > 1e-4 for d in report.removal_delta_loss)
     for k in range(4):
         with skipped_layer(model, k), torch.no_grad():
@@ -176,7 +177,7 @@ def test_held_out_jsonl_input(checkpoints, tmp_path):
         for _ in range(20):
             f.write(json.dumps({"body": " ".join(str(t) for t in rng.integers(0, 200, 40))}) + "\n")
     code, _, err = report_cli("--load", checkpoints["lns"], "--input", path, "--json-key", "body",
-                              "--num-samples", "3", "--seq-length", "16", "--output", tmp_path / "r")
+                              "--num-samples", "3", "--fit-samples", "8", "--seq-length", "16", "--output", tmp_path / "r")
     assert code == 0, err
     run = json.load(open(tmp_path / "r" / "report.json"))["runs"][0]
     assert run["num_tokens"] == 3 * 16 and run["data"].startswith(f"--input {path}")
@@ -234,9 +235,9 @@ def test_effective_depth_counts_layers_above_the_noise(loaded_lns):
     from lns_megatron.diagnostics.report import analyze, forward_logits, skipped_layer
 
     model = loaded_lns.model
-    windows = held_out(loaded_lns, num_samples=6)
+    windows, fit = held_out(loaded_lns, num_samples=6)
     tokens, labels = windows[:, :-1], windows[:, 1:]
-    report = analyze(loaded_lns, windows, label="lns", micro_batch_size=4, threshold=0.0)
+    report = analyze(loaded_lns, windows, fit_windows=fit, label="lns", micro_batch_size=4, threshold=0.0)
 
     def per_window_loss():
         logits = forward_logits(model, tokens).double()
@@ -254,4 +255,4 @@ def test_effective_depth_counts_layers_above_the_noise(loaded_lns):
             if mean > 2 * stderr:
                 expected.append(k + 1)
     assert report.effective_layers == expected and report.effective_depth == len(expected)
-    assert analyze(loaded_lns, windows, label="lns", threshold=100.0).effective_depth == 0
+    assert analyze(loaded_lns, windows, fit_windows=fit, label="lns", threshold=100.0).effective_depth == 0

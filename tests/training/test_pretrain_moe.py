@@ -132,8 +132,11 @@ def test_dp_shard_optimizer_state_does_not_reshard_across_expert_parallel_sizes(
     (["--norm-scheme", "deepnorm"], 1, "--num-experts with --norm-scheme deepnorm: its post-norm layer"),
     (["--tensor-model-parallel-size", "2"], 2, "--num-experts with --tensor-model-parallel-size 2 needs "
                                                "--sequence-parallel"),
+    (["--moe-router-load-balancing-type", "sinkhorn"], 1, "sinkhorn balances by routing and takes no aux loss (megatron"
+                                                          "-core asserts it in the first forward); give "
+                                                          "--moe-aux-loss-coeff 0, not 0.01"),
 ], ids=["ep-divides", "world", "grouped-gemm", "topk", "top1", "freq-length", "freq-dense", "freq-code", "peri",
-        "deepnorm", "tp-needs-sp"])
+        "deepnorm", "tp-needs-sp", "sinkhorn-aux"])
 def test_bad_moe_flags_are_refused_in_one_line(data, monkeypatch, extra, world, expected):
     assert expected in resume_error(*flags(data, *extra), world_size=world, monkeypatch=monkeypatch)
 
@@ -180,3 +183,38 @@ def test_flops_count_the_active_experts():
     shared = flops_per_iteration(parse_args(["--preset", "tiny-moe", *base, "--moe-shared-expert-intermediate-size",
                                              "172"]), 128)
     assert shared > moe
+
+
+def test_expert_tensor_parallelism_other_than_tp_with_a_shared_expert_resumes_across_layouts(data, tmp_path):
+    """A shared expert and the per-sequence balancing loss, with megatron's non-distributed optimizer: a
+    one-process checkpoint resumes under TP=2 with SP for the dense parts and EP=2 x ETP=1 for the experts (expert
+    TP other than TP; the optimizer chained in two there), and back, with the one-process run's losses and seq
+    loss. (From scratch the layouts initialize the experts from other RNG streams, so only a resume compares.)"""
+    extra = ["--moe-shared-expert-intermediate-size", "64", "--moe-router-load-balancing-type", "seq_aux_loss"]
+    split = ["--make-vocab-size-divisible-by", "64", "--tensor-model-parallel-size", "2", "--sequence-parallel",
+             "--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "1",
+             "--moe-token-dispatcher-type", "alltoall"]  # 64 x TP 2: the one process's padding of 128
+    _, one = run_driver(*flags(data, *extra, "--save", tmp_path / "one", "--save-interval", "2"))
+    _, two = run_driver(*flags(data, *extra, *split, "--load", tmp_path / "one" / "iter_0000002",
+                               "--save", tmp_path / "two", "--save-interval", "1"), nproc=2)
+    assert "EP=2 ETP=1" in two and "TP=2" in two
+    _, back = run_driver(*flags(data, *extra, "--load", tmp_path / "two" / "iter_0000003"))
+    expected = logged_losses(one)
+    assert "load_balancing_loss:" not in one.replace("seq_load_balancing_loss:", "")  # the one balancing loss asked for
+    for out, iterations in ((two, [3, 4]), (back, [4])):
+        got, seq = logged_losses(out), logged(out, "seq_load_balancing_loss")
+        assert sorted(got) == iterations and all(close(got[i], expected[i]) for i in got), (expected, got)
+        assert all(close(seq[i], logged(one, "seq_load_balancing_loss")[i]) for i in iterations), seq
+
+
+@pytest.mark.parametrize("balancing, extra, logged_name", [
+    ("sinkhorn", ["--moe-router-topk", "1", "--moe-aux-loss-coeff", "0"], None),  # balances by routing: no loss
+    ("global_aux_loss", [], "global_load_balancing_loss"),
+])
+def test_other_balancing_types_train(data, balancing, extra, logged_name):
+    _, out = run_driver(*flags(data, "--moe-router-load-balancing-type", balancing, *extra))
+    losses = logged_losses(out)
+    assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
+    if logged_name:
+        assert sorted(logged(out, logged_name)) == [1, 2, 3, 4]
+    assert "load_balancing_loss" not in out.replace(logged_name or "-", "")
