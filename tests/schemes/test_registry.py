@@ -73,7 +73,7 @@ def test_driver_trains_resumes_reports_and_exports_or_refuses(tmp_path, scheme):
 
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        code = report(["--load", str(tmp_path / "ckpt"), "--mock-data", "--num-samples", "2",
+        code = report(["--load", str(tmp_path / "ckpt"), "--mock-data", "--num-samples", "2", "--fit-samples", "3",
                        "--output", str(tmp_path / "report")])
     assert code == 0, err.getvalue()
     assert json.load(open(tmp_path / "report" / "report.json"))["runs"][0]["norm_scheme"] == scheme
