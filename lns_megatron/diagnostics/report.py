@@ -331,9 +331,11 @@ def analyze(loaded: LoadedModel, windows: torch.Tensor, *, fit_windows: torch.Te
     base = torch.cat(window_nll)
     loss = base.sum().item() / tokens_seen
     removal = [torch.cat(r).sum().item() / tokens_seen for r in removal_nll]
-    # Δloss of each layer, window by window: its standard error is the noise a layer's Δloss must exceed.
-    window_delta = [(torch.cat(r) - base) / per_window for r in removal_nll]
-    stderr = [d.std().item() / math.sqrt(len(d)) if len(d) > 1 else float("inf") for d in window_delta]
+    def stderr_over_windows(variant_nll):  # of the Δloss window by window: the noise a Δloss must exceed
+        delta = (torch.cat(variant_nll) - base) / per_window
+        return delta.std().item() / math.sqrt(len(delta)) if len(delta) > 1 else float("inf")
+
+    stderr = [stderr_over_windows(r) for r in removal_nll]
     mean = total / count
     delta = [r - loss for r in removal]
     needed = [max(threshold, NOISE_MULTIPLE * e) for e in stderr]
@@ -343,8 +345,7 @@ def analyze(loaded: LoadedModel, windows: torch.Tensor, *, fit_windows: torch.Te
     ratio = [x / loss for x in linear]
     useful = [l + 1 for l, r in enumerate(ratio) if r > utilization.USEFUL_LOSS_RATIO]
     swap_delta = [torch.cat(r).sum().item() / tokens_seen - loss for r in swap_nll]
-    swap_window_delta = [(torch.cat(r) - base) / per_window for r in swap_nll]
-    swap_stderr = [d.std().item() / math.sqrt(len(d)) if len(d) > 1 else float("inf") for d in swap_window_delta]
+    swap_stderr = [stderr_over_windows(r) for r in swap_nll]
     deviation, deviation_err, diagonal, diagonal_err = jacobian.estimates()
     return DepthReport(
         label=label, checkpoint=loaded.directory, iteration=loaded.iteration, norm_scheme=loaded.config.norm_scheme,
