@@ -25,6 +25,7 @@ import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 warnings.filterwarnings("ignore")
 
 import torch
@@ -32,10 +33,10 @@ import torch.distributed as dist
 
 from lns_megatron.data import datasets as data
 from lns_megatron.training import distributed, probes as diagnostics
-from lns_megatron.config import parse_args, validate
-from lns_megatron.schemes.lns import HAVE_TE
+import common
+from lns_megatron.config import parse_args
 from lns_megatron.training.metrics import flops_per_iteration
-from lns_megatron.training.train import build_model, build_optimizer, forward_step, train_step
+from lns_megatron.training.train import forward_step, train_step
 
 # Dense (no sparsity) peak TFLOP/s per GPU from NVIDIA's data sheets, matched against
 # torch.cuda.get_device_name() in this order (first match wins). Add yours for its MFU.
@@ -84,19 +85,9 @@ def main():
     runs = {}
     for scheme in schemes:
         c = parse_args(rest + ["--norm-scheme", scheme])
-        validate(c, torch.cuda.is_available(), HAVE_TE)
         if not runs:
-            distributed.initialize(c.tensor_model_parallel_size, c.pipeline_model_parallel_size,
-                                   c.virtual_pipeline_model_parallel_size, seed=c.seed)
-            tokenizer = data.build_tokenizer_from_config(c)
-            vocab = data.padded_vocab_size(tokenizer.vocab_size, c.make_vocab_size_divisible_by,
-                                           c.tensor_model_parallel_size)
-            train_ds, _, _ = data.build_datasets(c, tokenizer)
-        model = build_model(c, vocab)
-        optimizer, _ = build_optimizer(c, model)
-        model[0].config.grad_scale_func = optimizer.scale_loss
-        from megatron.core.distributed import finalize_model_grads
-        model[0].config.finalize_model_grads_func = finalize_model_grads
+            vocab, train_ds = common.start(c)
+        model, optimizer = common.model_and_optimizer(c, vocab)
         runs[scheme] = dict(c=c, model=model, optimizer=optimizer,
                             iters=data.data_iterators(train_ds, c, 0, len(model)), times=[], peak=0)
 
@@ -106,7 +97,7 @@ def main():
         sync()
         start = time.perf_counter()
         for _ in range(steps):
-            train_step(run["model"], run["optimizer"], run["iters"], run["c"])
+            train_step(run["model"], run["optimizer"], run["iters"], run["c"], run["c"].num_microbatches)
             run["optimizer"].step()
         sync()
         if torch.cuda.is_available():

@@ -12,3 +12,57 @@ def moe_router_without_te() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+def _has_parameter(function, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(function).parameters
+
+
+def _transformer_config_has(name: str) -> bool:
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return name in TransformerConfig.__dataclass_fields__
+
+
+def _scheduler_has(name: str) -> bool:
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return _has_parameter(OptimizerParamScheduler.__init__, name)
+
+
+def _async_save_available() -> bool:
+    from megatron.core import dist_checkpointing
+
+    return _has_parameter(dist_checkpointing.save, "async_sharded_save")
+
+
+def _rampup_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("megatron.core.num_microbatches_calculator") is not None
+
+
+# (the flag as written, is it set in this config, does the installed megatron-core honour it)
+VERSIONED_FLAGS = (
+    ("--recompute-modules", lambda c: c.recompute_modules is not None, lambda: _transformer_config_has("recompute_modules")),
+    ("--recompute-granularity", lambda c: c.recompute_granularity is not None,
+     lambda: _transformer_config_has("recompute_granularity")),
+    ("--cp-comm-type", lambda c: c.context_parallel_size > 1, lambda: _transformer_config_has("cp_comm_type")),
+    ("--lr-decay-style WSD", lambda c: c.lr_decay_style == "WSD", lambda: _scheduler_has("wsd_decay_steps")),
+    ("--async-save", lambda c: c.async_save, _async_save_available),
+    ("--rampup-batch-size", lambda c: c.rampup_batch_size is not None, _rampup_available),
+)
+
+
+def unsupported_flag(c, flags=VERSIONED_FLAGS):
+    """The first flag of ``c`` that the installed megatron-core cannot honour, as one line naming its version;
+    None if there is none."""
+    import megatron.core
+
+    for flag, used, available in flags:
+        if used(c) and not available():
+            return (f"{flag} is not supported by the installed megatron-core {megatron.core.__version__}; upgrade "
+                    "megatron-core or leave the flag out")
+    return None

@@ -27,6 +27,11 @@ PRESETS = {
     "llama-350m": dict(hidden_size=1024, num_layers=24, num_attention_heads=16, ffn_hidden_size=2736),
     "llama-1b": dict(hidden_size=2048, num_layers=24, num_attention_heads=32, ffn_hidden_size=5461),
     "llama-7b": dict(hidden_size=4096, num_layers=32, num_attention_heads=32, ffn_hidden_size=11008),
+    # Llama 3 8B and 70B (Grattafiori et al. 2024): GQA with 8 key/value groups, RoPE base 500000, 8192 context.
+    "llama-8b": dict(hidden_size=4096, num_layers=32, num_attention_heads=32, num_query_groups=8,
+                     ffn_hidden_size=14336, rotary_base=500000, seq_length=8192, max_position_embeddings=8192),
+    "llama-70b": dict(hidden_size=8192, num_layers=80, num_attention_heads=64, num_query_groups=8,
+                      ffn_hidden_size=28672, rotary_base=500000, seq_length=8192, max_position_embeddings=8192),
     # Mixture of experts. tiny-moe: tiny's shape with 4 experts of half tiny's MLP, top-2, so that its active
     # parameters equal tiny's. olmoe-1b-7b: OLMoE-1B-7B's shape (Muennighoff et al. 2024; 16 layers, 64 experts
     # of 1024, top-8, QK-norm, 4096 context, aux loss 0.01, z-loss 0.001): about 1.3B active of 6.9B parameters.
@@ -36,6 +41,19 @@ PRESETS = {
     "olmoe-1b-7b": dict(hidden_size=2048, num_layers=16, num_attention_heads=16, ffn_hidden_size=1024,
                         seq_length=4096, max_position_embeddings=4096, qk_layernorm=True, num_experts=64,
                         moe_router_topk=8, moe_ffn_hidden_size=1024, moe_aux_loss_coeff=0.01, moe_z_loss_coeff=0.001),
+}
+# The parallel layout --preset-layout fills for a preset, and the GPUs it is sized for (docs/pretraining.md has
+# the memory arithmetic): 80 GB H100s, bf16, one 8192-token sequence per micro-batch. The local spec's attention
+# keeps its s x s scores for the backward pass, so it gets selective recompute; Transformer Engine's fused
+# attention keeps none, and takes the layout without it.
+PRESET_LAYOUTS = {
+    # 8xH100: TP=4 with sequence parallelism inside the node, DP=2 over the distributed optimizer.
+    "llama-8b": dict(gpus=8, tensor_model_parallel_size=4, pipeline_model_parallel_size=1, sequence_parallel=True,
+                     use_distributed_optimizer=True, recompute_granularity="selective", micro_batch_size=1),
+    # 64xH100 (8 nodes): TP=8 inside each node, PP=4 with 5 virtual stages of 4 layers, DP=2.
+    "llama-70b": dict(gpus=64, tensor_model_parallel_size=8, pipeline_model_parallel_size=4, sequence_parallel=True,
+                      num_layers_per_virtual_pipeline_stage=4, use_distributed_optimizer=True,
+                      recompute_granularity="selective", micro_batch_size=1),
 }
 LLAMA_ARCH = dict(normalization="RMSNorm", swiglu=True, disable_bias_linear=True, position_embedding_type="rope",
                   untie_embeddings_and_output_weights=True, seq_length=1024, max_position_embeddings=1024)
@@ -51,6 +69,17 @@ PAPER_RECIPE = dict(adam_beta1=0.9, adam_beta2=0.999, weight_decay=0.0, clip_gra
 PAPER_SCHEDULES = {"llama-130m": (1e-3, 20000), "llama-250m": (1e-3, 40000), "llama-350m": (5e-4, 60000),
                    "llama-1b": (5e-4, 100000)}
 PAPER_MIN_LR_RATIO = 0.1
+
+
+def preset_layout_values(preset: Optional[str], transformer_impl: str) -> dict:
+    """The flags --preset-layout fills (explicit flags still win)."""
+    if preset not in PRESET_LAYOUTS:
+        raise ConfigError(f"--preset-layout: --preset {preset} has no layout; layouts exist for "
+                          f"{', '.join(f'--preset {p}' for p in PRESET_LAYOUTS)}; give the parallel flags instead")
+    values = {k: v for k, v in PRESET_LAYOUTS[preset].items() if k != "gpus"}
+    if transformer_impl == "transformer_engine" and values.get("recompute_granularity") == "selective":
+        del values["recompute_granularity"]  # fused attention keeps no scores to recompute
+    return values
 
 
 def recipe_values(recipe: str, preset: Optional[str]) -> dict:
@@ -73,13 +102,19 @@ POSITIVE, NON_NEGATIVE = dict(above=0), dict(at_least=0)
 def _flag(help: str, default=None, flag: Optional[str] = None, **kw):
     """A field that is also a flag. Non-argparse keys: ``flag`` (a name other than the field's),
     ``above``/``at_least``/``below``/``at_most`` (bounds checked by :func:`validate`)."""
-    return field(default=default, metadata=dict(help=help, flag=flag, **kw))
+    metadata = dict(help=help, flag=flag, **kw)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class PretrainConfig:
     # Model
     preset: Optional[str] = _flag("fill the model flags from a named shape", choices=sorted(PRESETS))
+    preset_layout: bool = _flag("fill the parallel layout (TP, PP, VPP, sequence parallelism, recompute, distributed "
+                                "optimizer, micro-batch) from the --preset's layout for its cluster: llama-8b 8xH100, "
+                                "llama-70b 64xH100; flags given explicitly win", False)
     recipe: Optional[str] = _flag("fill the optimizer, schedule, precision, norm-eps, batch and sequence flags (and "
                                   "lr/steps by --preset) from the paper's runs", choices=["paper"])
     num_layers: Optional[int] = _flag("transformer layers", **POSITIVE)
@@ -161,7 +196,16 @@ class PretrainConfig:
     lr_warmup_fraction: Optional[float] = _flag("warmup as a fraction of the decay length (instead of --lr-warmup-iters)",
                                                 at_least=0, below=1)
     lr_decay_iters: Optional[int] = _flag("decay iterations (default: train-iters)", **POSITIVE)
-    lr_decay_style: str = _flag("decay after warmup", "cosine", choices=["constant", "linear", "cosine"])
+    lr_decay_style: str = _flag("decay after warmup; WSD: warmup-stable-decay, constant until the last "
+                                "--lr-wsd-decay-iters of the decay length", "cosine",
+                                choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"])
+    lr_wsd_decay_style: str = _flag("--lr-decay-style WSD: the shape of its decay", "exponential",
+                                    choices=["linear", "cosine", "exponential", "minus_sqrt"])
+    lr_wsd_decay_iters: Optional[int] = _flag("--lr-decay-style WSD: iterations of the decay at the end of "
+                                              "--lr-decay-iters", **POSITIVE)
+    rampup_batch_size: Optional[List[int]] = _flag(
+        "START INCREMENT SAMPLES: grow the global batch from START by INCREMENT up to --global-batch-size over the "
+        "first SAMPLES samples (megatron-core's RampupBatchsizeNumMicroBatchesCalculator)", nargs=3)
     weight_decay: float = _flag("weight decay", 0.01, **NON_NEGATIVE)
     clip_grad: float = _flag("gradient clipping by global norm (0: off)", 1.0, **NON_NEGATIVE)
     adam_beta1: float = _flag("Adam beta1", 0.9, at_least=0, below=1)
@@ -185,6 +229,20 @@ class PretrainConfig:
     use_distributed_optimizer: bool = _flag("shard optimizer state over data parallel ranks", False)
     overlap_grad_reduce: bool = _flag("overlap the gradient reduce with backward", False)
     overlap_param_gather: bool = _flag("overlap the parameter all-gather (needs the distributed optimizer)", False)
+    context_parallel_size: int = _flag("context parallel size: each sequence split over this many ranks (Transformer "
+                                       "Engine's attention)", 1, at_least=1)
+    cp_comm_type: str = _flag("how context-parallel ranks exchange keys and values", "p2p",
+                              choices=["p2p", "all_gather", "a2a"])
+    recompute_granularity: Optional[str] = _flag("activation recompute: full (whole layers) or selective (the "
+                                                 "--recompute-modules)", choices=["full", "selective"])
+    recompute_method: Optional[str] = _flag("--recompute-granularity full: uniform (every layer, in units of "
+                                            "--recompute-num-layers) or block (the first --recompute-num-layers "
+                                            "of each pipeline chunk)", choices=["uniform", "block"])
+    recompute_num_layers: Optional[int] = _flag("--recompute-granularity full: layers per recompute unit (uniform) "
+                                                "or recomputed per pipeline chunk (block)", **POSITIVE)
+    recompute_modules: Optional[List[str]] = _flag("--recompute-granularity selective: the submodules to recompute "
+                                                   "(default core_attn): core_attn, layernorm, mlp, moe, moe_act, "
+                                                   "shared_experts, mla_up_proj", nargs="+")
     distributed_timeout_minutes: float = _flag("end the job when a collective gets no answer for this long "
                                                "(a frozen rank or a lost node)", 10.0, **POSITIVE)
     # Data
@@ -208,6 +266,9 @@ class PretrainConfig:
     dist_ckpt_optim_fully_reshardable: bool = _flag(
         "save distributed-optimizer state per parameter (loads at any TP/PP/DP; gathers the state at save) instead "
         "of per DP shard (loads at any DP only)", False)
+    async_save: bool = _flag("write checkpoints in the background (megatron-core's async dist-checkpointing): "
+                             "training goes on while a forked process writes; the checkpoint becomes the latest "
+                             "only when every rank's write is done", False)
     ckpt_fully_parallel_save: bool = _flag(
         "write each replicated tensor once, spread over the data-parallel ranks (megatron-core's "
         "FullyParallelSaveStrategyWrapper), instead of all from data-parallel rank 0", True,
@@ -235,6 +296,20 @@ class PretrainConfig:
     tensorboard_dir: Optional[str] = _flag("TensorBoard log directory (written by the last rank)")
     log_interval: int = _flag("console/TensorBoard interval", 100, **POSITIVE)
     depth_log_interval: int = _flag("depth-health diagnostics interval (0: off)", 100, **NON_NEGATIVE)
+    # Diagnosing a slow run
+    profile: bool = _flag("record a torch profiler trace of iterations --profile-step-start..--profile-step-end into "
+                          "--tensorboard-dir (TensorBoard's profile tab opens it)", False)
+    use_pytorch_profiler: bool = _flag("accepted for Megatron-LM command lines: --profile always uses the torch "
+                                       "profiler here", False)
+    profile_step_start: int = _flag("first profiled iteration", 10, **POSITIVE)
+    profile_step_end: int = _flag("profiling stops before this iteration", 12, **POSITIVE)
+    profile_ranks: List[int] = _flag("global ranks that profile", [0], nargs="+")
+    manual_gc: bool = _flag("turn Python's automatic garbage collection off (its pauses stall every rank at "
+                            "random) and collect at --manual-gc-interval", False)
+    manual_gc_interval: int = _flag("--manual-gc: collect every N iterations (0: never during training)", 0,
+                                    **NON_NEGATIVE)
+    manual_gc_eval: bool = _flag("--manual-gc: collect before and after each validation", True,
+                                 flag="--no-manual-gc-eval")
 
     # Derived at start (and saved with each checkpoint, which a resume is compared with)
     world_size: int = field(default=1, metadata=dict(derived=True))
@@ -243,7 +318,9 @@ class PretrainConfig:
 
     @property
     def data_parallel_size(self) -> int:
-        return self.world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+        """Ranks that see different samples (context-parallel ranks share a sample, each holding part of it)."""
+        return self.world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+                                   * self.context_parallel_size)
 
     @property
     def virtual_pipeline_model_parallel_size(self) -> Optional[int]:
@@ -323,6 +400,8 @@ def parse_args(argv=None) -> PretrainConfig:
         values.update(recipe_values(explicit["recipe"], explicit.get("preset")))
         if "lr_warmup_iters" in explicit:
             values.pop("lr_warmup_fraction")
+    if explicit.get("preset_layout"):
+        values.update(preset_layout_values(explicit.get("preset"), explicit.get("transformer_impl", "local")))
     values.update(explicit)
     if "recipe" in explicit and "min_lr" not in explicit:
         values["min_lr"] = PAPER_MIN_LR_RATIO * values["lr"]
@@ -462,9 +541,19 @@ def validate(c: PretrainConfig, cuda_available: bool, have_te: bool) -> None:
          + f"; use a multiple of {chunk} layers")
     if c.num_layers_per_virtual_pipeline_stage is not None:
         need(pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
-    need(c.world_size % (tp * pp) == 0,
+    cp = c.context_parallel_size
+    need(c.world_size % (tp * pp * cp) == 0,
          f"world size {c.world_size} is not divisible by --tensor-model-parallel-size {tp} x "
-         f"--pipeline-model-parallel-size {pp}; launch a multiple of {tp * pp} processes")
+         f"--pipeline-model-parallel-size {pp}" + (f" x --context-parallel-size {cp}" if cp > 1 else "")
+         + f"; launch a multiple of {tp * pp * cp} processes")
+    if cp > 1:
+        need(c.transformer_impl == "transformer_engine" and cuda_available and have_te,
+             f"--context-parallel-size {cp}: megatron-core splits a sequence over ranks only inside Transformer "
+             "Engine's attention (TEDotProductAttention); use --transformer-impl transformer_engine on CUDA GPUs with "
+             "Transformer Engine installed (pip install -e .[te]), or leave --context-parallel-size at 1")
+        need(c.seq_length % (2 * cp) == 0, f"--seq-length {c.seq_length} is not divisible by 2 x "
+             f"--context-parallel-size {cp} (each rank holds two chunks, for causal load balance); use a multiple "
+             f"of {2 * cp}")
     dp = c.data_parallel_size
     if c.global_batch_size is None:
         c.global_batch_size = c.micro_batch_size * dp
@@ -530,6 +619,82 @@ def validate(c: PretrainConfig, cuda_available: bool, have_te: bool) -> None:
          "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are exclusive; choose one")
     if c.load is not None:
         need(os.path.isdir(c.load), f"--load {c.load}: no such directory; give the --save directory of an earlier run")
+    validate_recompute(c, have_te)
+    validate_schedule(c)
+    validate_diagnosis(c)
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate_recompute(c: PretrainConfig, have_te: bool) -> None:
+    """--recompute-*: each problem one line (megatron-core asserts some, others it would take silently)."""
+    granularity = c.recompute_granularity
+    if granularity != "full":
+        for name in ("recompute_method", "recompute_num_layers"):
+            _need(getattr(c, name) is None, f"{flag_name(name)} needs --recompute-granularity full (selective "
+                  "recompute picks submodules with --recompute-modules, not layers)")
+    else:
+        _need(c.recompute_method is not None and c.recompute_num_layers is not None,
+              "--recompute-granularity full needs --recompute-method (uniform or block) and --recompute-num-layers, "
+              "e.g. --recompute-method uniform --recompute-num-layers 1 to recompute every layer")
+        per_chunk = c.num_layers // (c.pipeline_model_parallel_size * (c.virtual_pipeline_model_parallel_size or 1))
+        _need(c.recompute_method != "block" or c.recompute_num_layers <= per_chunk,
+              f"--recompute-num-layers {c.recompute_num_layers} with --recompute-method block: a pipeline chunk has "
+              f"{per_chunk} layers; recompute at most {per_chunk}")
+    if c.recompute_modules is not None:
+        _need(granularity == "selective", "--recompute-modules needs --recompute-granularity selective")
+        without_output = sorted({"layernorm", "moe_act"} & set(c.recompute_modules))
+        _need(have_te or not without_output,
+              f"--recompute-modules {' '.join(without_output)} needs Transformer Engine: megatron-core recomputes "
+              "them with CheckpointWithoutOutput, which calls TE's FP8GlobalStateManager even without FP8; install "
+              "it (pip install -e .[te]) or leave them out")
+        _need(c.norm_scheme != "bhyt" or "layernorm" not in c.recompute_modules,
+              "--recompute-modules layernorm with --norm-scheme bhyt: BHyT's pre-MLP statistic is read from the "
+              "attention norm's forward, which a recomputed norm does not repeat; leave layernorm out")
+
+
+def validate_schedule(c: PretrainConfig) -> None:
+    """WSD and the batch-size ramp-up."""
+    if c.lr_decay_style == "WSD":
+        _need(c.lr_wsd_decay_iters is not None, "--lr-decay-style WSD needs --lr-wsd-decay-iters (the length of "
+              "the final decay)")
+        stable_end = c.lr_decay_iters - c.lr_wsd_decay_iters
+        _need(stable_end >= c.lr_warmup_iters,
+              f"--lr-wsd-decay-iters {c.lr_wsd_decay_iters} is longer than the decay length {c.lr_decay_iters} "
+              f"(--lr-decay-iters, default --train-iters) after --lr-warmup-iters {c.lr_warmup_iters}; shorten it")
+    else:
+        _need(c.lr_wsd_decay_iters is None, f"--lr-wsd-decay-iters needs --lr-decay-style WSD, not "
+              f"{c.lr_decay_style}")
+    if c.rampup_batch_size is not None:
+        start, increment, samples = c.rampup_batch_size
+        step = c.micro_batch_size * c.data_parallel_size
+        if c.virtual_pipeline_model_parallel_size:
+            step *= c.pipeline_model_parallel_size  # interleaving: micro-batches in multiples of PP
+        where = f"--rampup-batch-size {start} {increment} {samples}"
+        _need(start > 0 and increment > 0 and samples >= 0, f"{where}: START and INCREMENT must be positive, "
+              "SAMPLES at least 0")
+        _need(start < c.global_batch_size and (c.global_batch_size - start) % increment == 0,
+              f"{where}: --global-batch-size {c.global_batch_size} must be START plus a whole number of INCREMENTs")
+        _need(start % step == 0 and increment % step == 0,
+              f"{where}: START and INCREMENT must be multiples of --micro-batch-size x data-parallel size"
+              + (" x --pipeline-model-parallel-size (interleaving)" if c.virtual_pipeline_model_parallel_size else "")
+              + f" = {step}")
+
+
+def validate_diagnosis(c: PretrainConfig) -> None:
+    """--profile, --manual-gc, --async-save."""
+    if c.profile:
+        _need(c.tensorboard_dir is not None, "--profile writes its trace into --tensorboard-dir; give one")
+        _need(c.profile_step_start < c.profile_step_end, f"--profile-step-start {c.profile_step_start} must be "
+              f"before --profile-step-end {c.profile_step_end}")
+        outside = [r for r in c.profile_ranks if not 0 <= r < c.world_size]
+        _need(not outside, f"--profile-ranks {' '.join(map(str, outside))}: no such rank in a world of "
+              f"{c.world_size}")
+    _need(c.manual_gc or c.manual_gc_interval == 0, "--manual-gc-interval needs --manual-gc")
+    _need(c.save is not None or not c.async_save, "--async-save needs --save DIR")
 
 
 def validate_moe(c: PretrainConfig, cuda_available: bool, have_te: bool) -> None:

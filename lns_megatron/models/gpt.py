@@ -84,8 +84,23 @@ def transformer_config(c: PretrainConfig) -> TransformerConfig:
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         use_cpu_initialization=not torch.cuda.is_available(),
+        context_parallel_size=c.context_parallel_size,
+        **({"cp_comm_type": c.cp_comm_type} if c.context_parallel_size > 1 else {}),
         **moe_settings(c),
+        **recompute_settings(c),
     )
+
+
+def recompute_settings(c: PretrainConfig) -> dict:
+    """The recompute flags as TransformerConfig fields, each only when set (so that a megatron-core without a
+    field still builds a run that does not use it)."""
+    out = {}
+    if c.recompute_granularity is not None:
+        out.update(recompute_granularity=c.recompute_granularity, recompute_method=c.recompute_method,
+                   recompute_num_layers=c.recompute_num_layers)
+    if c.recompute_modules is not None:
+        out["recompute_modules"] = list(c.recompute_modules)
+    return out
 
 
 def moe_settings(c: PretrainConfig) -> dict:

@@ -4,6 +4,9 @@ Layout (Megatron-LM's): ``SAVE/iter_0000100/`` holds one checkpoint, and
 ``SAVE/latest_checkpointed_iteration.txt`` names the newest complete one. A save is written
 to ``iter_0000100.tmp`` and renamed when every rank has finished; only then does the pointer
 move (by an atomic replace), so a process killed mid-save never damages the latest checkpoint.
+With ``--async-save`` the shards are written by a forked process per rank while training goes on;
+the rename and the pointer wait for :class:`AsyncSaves` to see every rank's writer done (its files
+fsynced), at a later iteration or at the end of the run.
 """
 
 from __future__ import annotations
@@ -242,8 +245,64 @@ def _sharded_state(model: List, optimizer, is_loading: bool, metadata: dict) -> 
     return state
 
 
+class AsyncSaves:
+    """megatron-core's queue of async checkpoint writes (``AsyncCallsQueue``, one forked writer per rank and save).
+    Every method is called on every rank: finishing a save needs all of them."""
+
+    def __init__(self):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.queue = AsyncCallsQueue()
+        self.pending: List[Tuple[int, str]] = []  # (iteration, directory it will have), oldest first
+
+    def schedule(self, request, iteration: int, final: str) -> None:
+        self.queue.schedule_async_request(request)
+        self.pending.append((iteration, final))
+
+    def poll(self, blocking: bool = False) -> List[Tuple[int, str]]:
+        """Finish the saves whose writers are done on every rank (all of them with ``blocking``); returns the
+        (iteration, directory) of each that became a complete checkpoint."""
+        if not self.pending:
+            return []
+        try:
+            done = self.queue.maybe_finalize_async_calls(blocking=blocking)
+        except (Exception, TorchCheckpointException) as e:
+            iteration, final = self.pending[0]
+            lines = str(e).strip().splitlines()
+            raise CheckpointError(f"the background save of iteration {iteration} to {final}.tmp failed "
+                                  f"({lines[-1] if lines else type(e).__name__}); the latest complete checkpoint is "
+                                  "unchanged: free space or fix the mount, then resume from it") from None
+        finished, self.pending = self.pending[:len(done)], self.pending[len(done):]
+        return finished
+
+
+def _publish(root: str, iteration: int, partial: str, final: str, config: PretrainConfig) -> None:
+    """On rank 0, once every rank's shards are written: the config (written last, it marks completeness), the
+    rename, then the pointer by an atomic replace, each made durable."""
+    with open(os.path.join(partial, CONFIG_FILE), "w") as f:
+        f.write(config.to_json())
+        f.flush()
+        os.fsync(f.fileno())
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.rename(partial, final)
+    tmp_tracker = os.path.join(root, TRACKER + ".tmp")
+    with open(tmp_tracker, "w") as f:
+        f.write(str(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_tracker, os.path.join(root, TRACKER))
+    directory = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename and the replace
+    finally:
+        os.close(directory)
+
+
 def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: List, optimizer, scheduler,
-                    config: PretrainConfig) -> str:
+                    config: PretrainConfig, async_saves: Optional[AsyncSaves] = None) -> Optional[str]:
+    """Save, and return the complete checkpoint's directory; with ``async_saves``, schedule the write and return
+    None (the directory comes out of :meth:`AsyncSaves.poll` when every rank has written its part)."""
     final = iteration_dir(root, iteration)
     partial = final + ".tmp"
     rank = dist.get_rank()
@@ -261,26 +320,23 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: Lis
     if config.ckpt_fully_parallel_save:  # Megatron-LM's default: replicated tensors written once, spread over DP
         strategy = FullyParallelSaveStrategyWrapper(
             strategy, parallel_state.get_data_parallel_group(with_context_parallel=True))
+    config_now = copy.deepcopy(config)  # as it is now, whenever the save completes
     try:
-        dist_checkpointing.save(state, partial, sharded_strategy=strategy, content_metadata=metadata)
+        request = dist_checkpointing.save(state, partial, sharded_strategy=strategy, content_metadata=metadata,
+                                          async_sharded_save=async_saves is not None)
     except (Exception, TorchCheckpointException) as e:  # a full disk, a lost mount, a quota
         lines = str(e).strip().splitlines()
         raise CheckpointError(f"saving iteration {iteration} to {partial} failed on rank {rank} "
                               f"({lines[-1] if lines else type(e).__name__}); the latest complete checkpoint in "
                               f"{root} is unchanged: free space or fix the mount, then resume from it") from None
+    if async_saves is not None:
+        if rank == 0:  # megatron runs it after every rank's writer is done and the shards' metadata is written
+            request.add_finalize_fn(lambda: _publish(root, iteration, partial, final, config_now))
+        async_saves.schedule(request, iteration, final)
+        return None
     dist.barrier()
     if rank == 0:
-        with open(os.path.join(partial, CONFIG_FILE), "w") as f:  # written last: marks completeness
-            f.write(config.to_json())
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.rename(partial, final)
-        tmp_tracker = os.path.join(root, TRACKER + ".tmp")
-        with open(tmp_tracker, "w") as f:
-            f.write(str(iteration))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_tracker, os.path.join(root, TRACKER))
+        _publish(root, iteration, partial, final, config_now)
     dist.barrier()
     return final
 

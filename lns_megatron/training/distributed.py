@@ -14,6 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from lns_megatron import cpu
+from lns_megatron.config import ConfigError
 
 
 def free_port() -> int:
@@ -30,6 +31,7 @@ def initialize(
     timeout_minutes: float = 10.0,
     expert_model_parallel_size: int = 1,
     expert_tensor_parallel_size: Optional[int] = None,
+    context_parallel_size: int = 1,
 ) -> None:
     """Start torch.distributed (from torchrun's environment, or as a single process) and
     megatron-core's model parallelism, then seed every RNG like Megatron-LM does."""
@@ -38,6 +40,10 @@ def initialize(
         backend = "gloo" if cpu_mode else "nccl"
         timeout = timedelta(minutes=timeout_minutes)
         if not cpu_mode:
+            per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+            if per_node > gpus:  # NCCL cannot put two ranks on one GPU; every rank of the node sees it
+                raise ConfigError(f"{per_node} processes on this node need a GPU each, and this node has {gpus} "
+                                  f"GPU(s): launch at most {gpus} per node (torchrun --nproc_per_node {gpus})")
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if "RANK" in os.environ:  # torchrun
             dist.init_process_group(backend=backend, timeout=timeout)
@@ -50,6 +56,7 @@ def initialize(
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=expert_model_parallel_size,
         expert_tensor_parallel_size=expert_tensor_parallel_size,
+        context_parallel_size=context_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
     )
     set_seed(seed)

@@ -60,7 +60,7 @@ class MetricsLogger:
 
     def __init__(self, c: PretrainConfig, padded_vocab_size: int):
         self.c = c
-        self.flops = flops_per_iteration(c, padded_vocab_size)
+        self.flops_per_sample = flops_per_iteration(c, padded_vocab_size) / c.global_batch_size
         self.is_writer = dist.get_rank() == dist.get_world_size() - 1
         self.writer = None
         if self.is_writer and c.tensorboard_dir:
@@ -69,13 +69,14 @@ class MetricsLogger:
             self.writer = SummaryWriter(log_dir=c.tensorboard_dir, max_queue=100)
         self.interval_start = time.perf_counter()
         self.interval_iters = 0
+        self.interval_samples = 0
         self.skipped = 0
         self.nan = 0
         self.moe_names = moe_loss_names(c)
         self.moe_pattern = moe_layer_pattern(c.moe_layer_freq, c.num_layers) if self.moe_names else None
         self.moe_totals: Dict[str, torch.Tensor] = {}
 
-    def moe_losses(self, iteration: int) -> None:
+    def moe_losses(self, iteration: int, num_microbatches: int) -> None:
         """Read and reset megatron-core's MoE loss tracker, on every rank (it reduces over the pipeline and data
         parallel ranks), as Megatron-LM's training_log does: TensorBoard gets each iteration's mean over the MoE
         layers, the console line its mean over the log interval."""
@@ -83,7 +84,7 @@ class MetricsLogger:
             return
         from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 
-        track_moe_metrics(loss_scale=1.0 / self.c.num_microbatches, iteration=iteration, writer=self.writer,
+        track_moe_metrics(loss_scale=1.0 / num_microbatches, iteration=iteration, writer=self.writer,
                           total_loss_dict=self.moe_totals, force_initialize=True, track_names=self.moe_names,
                           num_layers=self.c.num_layers, moe_layer_freq=self.moe_pattern)
 
@@ -100,24 +101,32 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.add_scalar(name, value, iteration)
 
-    def training_step(self, iteration: int, consumed_samples: int, loss: float, lr: float, grad_norm: Optional[float],
-                      loss_scale: float, skipped: bool) -> None:
+    def training_step(self, iteration: int, consumed_samples: int, batch_size: int, loss: float, lr: float,
+                      grad_norm: Optional[float], loss_scale: float, skipped: bool) -> None:
+        """``batch_size``: this iteration's global batch (it grows under --rampup-batch-size)."""
         self.interval_iters += 1
+        self.interval_samples += batch_size
         self.skipped += int(skipped)
         if iteration % self.c.log_interval != 0:
             return
-        elapsed = (time.perf_counter() - self.interval_start) / self.interval_iters
-        tflops = self.flops / (elapsed * 1e12 * dist.get_world_size())
-        tokens_per_sec = self.c.global_batch_size * self.c.seq_length / elapsed
+        seconds = time.perf_counter() - self.interval_start
+        elapsed = seconds / self.interval_iters
+        tflops = self.flops_per_sample * self.interval_samples / (seconds * 1e12 * dist.get_world_size())
+        tokens_per_sec = self.interval_samples * self.c.seq_length / seconds
         values: Dict[str, float] = {
-            "lm loss": loss, "learning-rate": lr, "batch-size": self.c.global_batch_size, "loss-scale": loss_scale,
+            "lm loss": loss, "learning-rate": lr, "batch-size": batch_size, "loss-scale": loss_scale,
             "iteration-time": elapsed, "throughput": tflops, "tokens-per-sec": tokens_per_sec,
         }
         if grad_norm is not None:
             values["grad-norm"] = grad_norm
+        memory = ""
         if torch.cuda.is_available():
-            values["mem-allocated-bytes"] = torch.cuda.memory_allocated()
-            values["mem-max-allocated-bytes"] = torch.cuda.max_memory_allocated()
+            values.update({"mem-allocated-bytes": torch.cuda.memory_allocated(),
+                           "mem-reserved-bytes": torch.cuda.memory_reserved(),
+                           "mem-max-allocated-bytes": torch.cuda.max_memory_allocated()})
+            memory = (f" mem allocated (GiB): {values['mem-allocated-bytes'] / 2**30:.2f} | mem reserved (GiB): "
+                      f"{values['mem-reserved-bytes'] / 2**30:.2f} | mem max allocated (GiB): "
+                      f"{values['mem-max-allocated-bytes'] / 2**30:.2f} |")
         for name, value in values.items():
             self.scalar(name, value, iteration)
         moe = "".join(f" {name}: {float(total) / self.interval_iters:.6E} |" for name, total in self.moe_totals.items())
@@ -128,14 +137,15 @@ class MetricsLogger:
                 f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {iteration:8d}/{self.c.train_iters:8d} |"
                 f" consumed samples: {consumed_samples:12d} | elapsed time per iteration (ms): {elapsed * 1000:.1f} |"
                 f" throughput per GPU (TFLOP/s/GPU): {tflops:.3g} | tokens per second: {tokens_per_sec:.0f} |"
-                f" learning rate: {lr:.6E} | global batch size: {self.c.global_batch_size:5d} |"
+                f" learning rate: {lr:.6E} | global batch size: {batch_size:5d} |"
                 f" lm loss: {loss:.6E} |{moe} loss scale: {loss_scale:.1f} | grad norm: {grad} |"
                 f" number of skipped iterations: {self.skipped:3d} | number of nan iterations: {self.nan:3d} |"
-                f" ETA: {_duration(elapsed * (self.c.train_iters - iteration))} |",
+                f" ETA: {_duration(elapsed * (self.c.train_iters - iteration))} |{memory}",
                 flush=True,
             )
         self.interval_start = time.perf_counter()
         self.interval_iters = 0
+        self.interval_samples = 0
         self.skipped = 0
         self.nan = 0
 

@@ -83,6 +83,8 @@ def hidden_state_stats(model: List, batch: dict, forward_step, num_layers: int, 
             h.remove()
     if sequence_parallel:  # each TP rank saw its own tokens
         dist.all_reduce(acc, group=parallel_state.get_tensor_model_parallel_group())
+    if parallel_state.get_context_parallel_world_size() > 1:  # and each CP rank its part of the sequence
+        dist.all_reduce(acc, group=parallel_state.get_context_parallel_group())
     dist.all_reduce(acc, group=parallel_state.get_pipeline_model_parallel_group())
     total, sumsq, count, angle, tokens = acc
     mean = total / count

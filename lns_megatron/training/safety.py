@@ -99,10 +99,18 @@ def apply_checkpoint_args(saved: dict, c: PretrainConfig) -> List[str]:
 
 
 def schedule_settings(c: PretrainConfig) -> dict:
-    """The OptimizerParamScheduler settings of these flags (what the scheduler checkpoints)."""
-    return dict(max_lr=c.lr, min_lr=c.min_lr, lr_warmup_steps=c.lr_warmup_iters, lr_decay_steps=c.lr_decay_iters,
-                lr_decay_style=c.lr_decay_style, start_wd=c.weight_decay, end_wd=c.weight_decay,
-                wd_incr_steps=c.lr_decay_iters, wd_incr_style="constant")
+    """The OptimizerParamScheduler settings of these flags (what the scheduler checkpoints, and WSD's two, which
+    it does not: they are compared from the checkpoint's pretrain_config.json)."""
+    settings = dict(max_lr=c.lr, min_lr=c.min_lr, lr_warmup_steps=c.lr_warmup_iters, lr_decay_steps=c.lr_decay_iters,
+                    lr_decay_style=c.lr_decay_style, start_wd=c.weight_decay, end_wd=c.weight_decay,
+                    wd_incr_steps=c.lr_decay_iters, wd_incr_style="constant")
+    if c.lr_decay_style == "WSD":
+        settings.update(wsd_decay_steps=c.lr_wsd_decay_iters, lr_wsd_decay_style=c.lr_wsd_decay_style)
+    return settings
+
+
+# WSD's settings, which the scheduler's state leaves out: from the saved flags.
+WSD_FLAGS = ("lr_wsd_decay_iters", "lr_wsd_decay_style")
 
 
 def compare_with_checkpoint(directory: str, saved: dict, saved_schedule: Optional[dict], c: PretrainConfig,
@@ -125,6 +133,8 @@ def compare_with_checkpoint(directory: str, saved: dict, saved_schedule: Optiona
         new = schedule_settings(c)
         changed = sorted({SCHEDULE_FLAGS[k] + f": checkpoint {saved_schedule[k]}, now {new[k]}"
                           for k in SCHEDULE_FLAGS if k in saved_schedule and saved_schedule[k] != new[k]})
+        if c.lr_decay_style == "WSD" and saved_schedule.get("lr_decay_style") == "WSD":
+            changed += differences(saved, c, WSD_FLAGS)
         if changed:
             raise ConfigError(
                 f"{where}: the learning-rate schedule differs from the checkpoint's: {'; '.join(changed)}. Pass "

@@ -7,7 +7,8 @@
    interleaved), save the gradients as a checkpoint.
 3. TP=PP=1 again: load the layout's gradients and compare them with step 1's.
 Prints "OK <scheme>" on success; any mismatch raises. ``--norm-scheme`` takes a comma-separated list,
-checked one after the other in the same processes.
+checked one after the other in the same processes. The ``--recompute-*`` flags apply to the layout under
+test only: the reference keeps every activation.
 """
 
 import argparse
@@ -32,13 +33,15 @@ from lns_megatron.schemes.bhyt import BHyT
 from lns_megatron.schemes.lns import LNSNorm
 from lns_megatron.schemes.post import PostNormTransformerLayer, mix_ln_post_layers
 from lns_megatron.schemes.tanh import DyT
+from lns_megatron.training.profiling import SavedActivationMeter
 
 VOCAB, SEQ, MBS, MICROBATCHES = 96, 16, 2, 4
 MIX_LN_ALPHA = 0.25
 
 
-def build(num_layers, sequence_parallel=False, norm_scheme="lns"):
+def build(num_layers, sequence_parallel=False, norm_scheme="lns", recompute=None):
     config = tiny_config(
+        **(recompute or {}),
         num_layers=num_layers, num_query_groups=2,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
@@ -58,6 +61,12 @@ def build(num_layers, sequence_parallel=False, norm_scheme="lns"):
 def sharded(chunks):
     metadata = {"non_homogeneous_layers": True}  # Mix-LN's layers differ: one key per layer
     return {f"model{i}": c.module.sharded_state_dict(metadata=metadata) for i, c in enumerate(chunks)}
+
+
+def load_weights(chunks, weights):
+    state = dist_checkpointing.load(sharded(chunks), weights)
+    for i, c in enumerate(chunks):
+        c.module.load_state_dict(state[f"model{i}"])
 
 
 def batches():
@@ -117,6 +126,10 @@ def main():
     ap.add_argument("--sequence-parallel", action="store_true")
     ap.add_argument("--num-layers", type=int, default=4)
     ap.add_argument("--norm-scheme", default="lns", help="one scheme, or several separated by commas")
+    ap.add_argument("--recompute-granularity", choices=["full", "selective"])
+    ap.add_argument("--recompute-method", choices=["uniform", "block"])
+    ap.add_argument("--recompute-num-layers", type=int)
+    ap.add_argument("--recompute-modules", nargs="+")
     ap.add_argument("--dir", required=True)
     args = ap.parse_args()
     for name in args.norm_scheme.split(","):
@@ -146,10 +159,17 @@ def check(args, name, directory):
     parallel_state.destroy_model_parallel()
 
     distributed.initialize(args.tp, args.pp, args.vpp, seed=11)
-    _, chunks = build(args.num_layers, args.sequence_parallel, args.norm_scheme)
-    state = dist_checkpointing.load(sharded(chunks), weights)
-    for i, c in enumerate(chunks):
-        c.module.load_state_dict(state[f"model{i}"])
+    recompute = {k: v for k, v in vars(args).items() if k.startswith("recompute_") and v is not None}
+    if name == "bhyt" and "layernorm" in recompute.get("recompute_modules", ()):
+        recompute["recompute_modules"] = [m for m in recompute["recompute_modules"] if m != "layernorm"]  # refused
+    if recompute:  # the same layout keeping every activation, for the memory the recompute saves
+        _, plain = build(args.num_layers, args.sequence_parallel, args.norm_scheme)
+        load_weights(plain, weights)
+        with SavedActivationMeter(plain) as kept:
+            run_step(plain)
+        del plain
+    _, chunks = build(args.num_layers, args.sequence_parallel, args.norm_scheme, recompute)
+    load_weights(chunks, weights)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     for vp_stage, c in enumerate(chunks):
         layers = c.module.decoder.layers
@@ -167,7 +187,11 @@ def check(args, name, directory):
             if args.sequence_parallel:
                 assert norms and all(n.weight.sequence_parallel for n in norms)
         print(f"rank {dist.get_rank()} pp_rank {pp_rank} chunk {vp_stage}: layers {got}", flush=True)
-    loss = run_step(chunks)
+    with SavedActivationMeter(chunks) as meter:
+        loss = run_step(chunks)
+    if recompute:
+        assert meter.peak < kept.peak, f"recompute {recompute} held {meter.peak} bytes for backward, not less than {kept.peak}"
+        print(f"rank {dist.get_rank()}: {name} with recompute held {meter.peak} of {kept.peak} bytes", flush=True)
     assert math.isclose(loss, ref_loss, rel_tol=1e-5), f"loss {loss} != TP=PP=1 loss {ref_loss}"
     grads_into_weights(chunks)
     if dist.get_rank() == 0:

@@ -94,6 +94,33 @@ def test_bhyt_module_against_its_formula(megatron_tp1):
     torch.testing.assert_close(norm(x), expected, rtol=1e-12, atol=1e-12)
 
 
+def test_mlp_statistic_under_context_parallelism_equals_the_whole_sequence(megatron_tp1):
+    """Under CP=2 a rank holds two of four chunks of each sequence (megatron's causal load balance). Its BHyT
+    before the MLP must see T = the whole sequence in ||W_V W_O||^2 / (T d), as at CP=1: its outputs on those
+    tokens equal the CP=1 outputs on the same tokens (rtol 1e-6); counted with the local T instead, they differ."""
+    torch.manual_seed(0)
+    model = build()
+    with torch.no_grad():
+        model.decoder.layers[0].self_attention.linear_proj.weight.mul_(100.0)  # the T-dependent term matters
+    layer, config = model.decoder.layers[0], model.config
+    x = torch.randn(SEQ, BATCH, config.hidden_size)
+    chunks = x.view(4, SEQ // 4, BATCH, -1)
+    local = torch.cat([chunks[0], chunks[3]])  # CP rank 0 of 2
+
+    def mlp_norm(tokens, cp):
+        config.context_parallel_size = cp
+        try:
+            layer.input_layernorm(tokens)
+            return layer.pre_mlp_layernorm(tokens)
+        finally:
+            config.context_parallel_size = 1
+
+    whole = mlp_norm(x, 1).view(4, SEQ // 4, BATCH, -1)
+    expected = torch.cat([whole[0], whole[3]])
+    torch.testing.assert_close(mlp_norm(local, 2), expected, rtol=1e-6, atol=1e-7)
+    assert (mlp_norm(local, 1) - expected).abs().max() > 1e-3
+
+
 def test_refusals(megatron_tp1):
     with pytest.raises(ValueError, match="norm_scheme='bhyt' bounds a tanh by the root mean square, which Transformer"):
         get_gpt_lns_layer_spec("transformer_engine", "bhyt")

@@ -124,14 +124,14 @@ def test_dry_run_walks_every_step(dry_run):
     proc, out, s = dry_run
     steps = {x["name"]: x for x in s["steps"]}
     assert list(steps) == ["kit", "install", "env", "data", "te_tests", "fp8_lns", "bench_te_bf16", "bench_te_fp8",
-                           "driver_local", "bench_local", "depth24"]
+                           "driver_local", "bench_local", "cp", "recompute", "depth24"]
     assert s["mode"] == "dry-run" and steps["kit"]["status"] == "partial" and steps["env"]["status"] == "ok"
     # The kit was made for torch 2.11.0+cu130: one line says so, and only the no-TE part runs.
     assert len([l for l in proc.stdout.splitlines() if "built for torch 2.11.0+cu130" in l]) == 1
     assert "torch mismatch" in s["te_skipped_because"]
     for name in ("te_tests", "bench_te_bf16", "bench_te_fp8"):
         assert steps[name]["status"] == "skipped" and "CUDA" in steps[name]["reason"]
-    for name in ("data", "fp8_lns", "bench_local", "depth24"):
+    for name in ("data", "fp8_lns", "bench_local", "cp", "recompute", "depth24"):
         assert steps[name]["status"] == "ok", (name, steps[name]["reason"])
         assert (out / f"{name}.json").is_file() and (out / f"{name}.md").is_file() and (out / "logs" / f"{name}.log").is_file()
     summary_md = (out / "summary.md").read_text()
@@ -146,6 +146,10 @@ def test_dry_run_walks_every_step(dry_run):
     ran = [r for r in steps["depth24"]["result"]["runs"] if r["status"] == "ok"]
     assert [(r["norm_scheme"], r["output_init"]) for r in ran] == [("pre", "scaled"), ("lns", "plain")]
     assert all(r["validation_loss"] > 0 for r in ran)
+    assert steps["cp"]["result"]["checked"] == "refusal" and "Transformer Engine" in \
+        steps["cp"]["result"]["runs"]["CP=2, refused"]["error"]
+    recompute = steps["recompute"]["result"]["settings"]
+    assert recompute["full, uniform 1"]["saved_ratio"] < recompute["selective (core_attn)"]["saved_ratio"] < 1
 
 
 def test_dry_run_driver_resumes(dry_run):

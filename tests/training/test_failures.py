@@ -155,21 +155,31 @@ def test_a_lost_rank_ends_the_job_with_one_line(data, tmp_path, fault):
                 pass
 
 
-def test_kill_during_save_keeps_latest_checkpoint_and_leaves_no_orphans(data, tmp_path):
-    """SIGKILL of the trainer alone while iteration 2 is being saved: its checkpoint writers and data
-    workers die with it, the pointer still names iteration 1, and a new run takes over the dead run's
-    lock on --save, resumes from 1 exactly (the losses of a run never killed) and replaces the debris."""
+@pytest.mark.parametrize("mode", [[], ["--async-save"]], ids=["sync", "async"])
+def test_kill_during_save_keeps_latest_checkpoint_and_leaves_no_orphans(data, tmp_path, mode):
+    """SIGKILL of the trainer alone while iteration 2 is being saved (with --async-save: while its forked
+    writer writes, before every rank's write is done): its checkpoint writers and data workers die with it,
+    the pointer still names iteration 1, and a new run takes over the dead run's lock on --save, resumes from
+    1 exactly (the losses of a run never killed) and replaces the debris."""
     ckpt = tmp_path / "ckpt"
     args = [*COMMON, *data, "--hidden-size", "256", "--ffn-hidden-size", "1024", "--num-layers", "8",
-            "--train-iters", "3", "--log-interval", "1", "--save", ckpt, "--save-interval", "1", "--num-workers", "1"]
+            "--train-iters", "3", "--log-interval", "1", "--save", ckpt, "--save-interval", "1", "--num-workers", "1",
+            *mode]
     proc = subprocess.Popen(driver_command(*args), cwd=ROOT, env=driver_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     trainer = psutil.Process(proc.pid)
     partial = ckpt / "iter_0000002.tmp"
-    caught = wait_for(lambda: partial.exists() or proc.poll() is not None, timeout=300)
+    def writing():  # async: the forked writer has begun the shards
+        try:
+            return partial.exists() and (not mode or any(f.endswith(".distcp") for f in os.listdir(partial)))
+        except FileNotFoundError:  # renamed just now: the save completed
+            return False
+
+    caught = wait_for(lambda: writing() or proc.poll() is not None, timeout=300)
     descendants = trainer.children(recursive=True)
-    assert caught and partial.exists(), "the save of iteration 2 was not caught in progress"
+    assert caught and writing(), "the save of iteration 2 was not caught in progress"
     os.kill(proc.pid, signal.SIGKILL)  # the trainer only, as the OOM killer or `kill -9 PID` does
+    assert not (partial / ".metadata").exists(), "killed after the shards were complete: not during the write"
     proc.wait()
     assert len(descendants) >= 3  # the reaper, the data worker, megatron's writer processes
     assert wait_for(lambda: not any(d.is_running() and d.status() != psutil.STATUS_ZOMBIE for d in descendants),

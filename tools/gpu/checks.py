@@ -321,6 +321,16 @@ def step_plan(run: Run):
         ("bench_local", "LNS vs Pre-LN with the local spec (no TE)", 90 if run.dry else 180,
          bench_cmd(run, "bench_local", *(TINY_BENCH if run.dry else LLAMA_1B_BENCH + ["--rounds", "3", "--steps-per-round", "3"]))
          if not te else None, "TE mode: the local spec is measured when TE is missing (docs/results.md has its H100 figures)"),
+        ("cp", "context parallelism: CP=2 against CP=1 on two GPUs, or the one-line refusal", 90 if run.dry else 150,
+         [PY, "tools/gpu/cp_check.py", *json_md("cp"), *dry], None),
+        ("recompute", "activation recompute: memory and step time against none, equal losses", 90 if run.dry else 150,
+         [PY, "benchmarks/bench_recompute.py", *json_md("recompute"),
+          *(["--preset", "tiny", "--micro-batch-size", "2", "--seq-length", "64", "--max-position-embeddings", "64",
+             "--rounds", "1", "--steps-per-round", "1"] if run.dry else
+            ["--preset", "llama-1b", "--bf16", "--micro-batch-size", "2", "--seq-length", "2048",
+             "--max-position-embeddings", "2048", "--vocab-size", "32000"]),
+          *(["--transformer-impl", "transformer_engine", "--recompute-modules", "core_attn", "layernorm", "mlp"]
+            if te else [])], None),
         ("depth24", "24 layers: Pre-LN / LNS x plain / depth-scaled output init", 90 if run.dry else 300,
          [PY, "tools/gpu/depth_compare.py", *json_md("depth24"), *dry, *data,
           "--impl", "transformer_engine" if te else "local"], None),

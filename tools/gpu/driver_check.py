@@ -1,5 +1,6 @@
 """Step ``driver_local``: the driver's own path on this machine (CUDA, or the CPU mode with --dry-run),
-local spec, checkpoint save and resume on one device, with Adam and with the distributed optimizer.
+local spec, checkpoint save and resume on one device, with Adam and with the distributed optimizer; on a GPU
+the iteration line must give the memory (allocated, reserved, peak).
 Needs megatron-core only.
 
 For each optimizer, three runs of ``lns-pretrain`` with the same flags and ``--lr-decay-iters N``: A trains
@@ -50,6 +51,8 @@ def main():
 
 
 def resume_check(common, n) -> dict:
+    import torch
+
     save_dir = tempfile.mkdtemp(prefix="lns-gpu-ckpt-")
     out = dict(status="running", runs={})
     plan = {"A: straight": ["--train-iters", n],
@@ -62,9 +65,14 @@ def resume_check(common, n) -> dict:
             out["runs"][name] = dict(
                 rc=rc, wall_s=round(wall, 1), losses={i: f["lm loss"] for i, f in its.items() if "lm loss" in f},
                 tflops_per_gpu=[f.get("throughput per GPU (TFLOP/s/GPU)") for f in its.values()][-1] if its else None,
+                memory_gib={k: v for k, v in list(its.values())[-1].items() if k.startswith("mem ")} if its else {},
                 error=error_line(output) if rc else None)
             if rc:
                 out.update(status="failed", error=f"run {name}: {out['runs'][name]['error']}")
+                return out
+            memory = {"mem allocated (GiB)", "mem reserved (GiB)", "mem max allocated (GiB)"}
+            if torch.cuda.is_available() and set(out["runs"][name]["memory_gib"]) != memory:
+                out.update(status="failed", error=f"run {name}: the iteration line lacks the GPU memory fields")
                 return out
             if name.startswith("B"):
                 out["checkpoint_mib"] = round(sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(save_dir)
