@@ -104,7 +104,7 @@ def schedule_settings(c: PretrainConfig) -> dict:
     settings = dict(max_lr=c.lr, min_lr=c.min_lr, lr_warmup_steps=c.lr_warmup_iters, lr_decay_steps=c.lr_decay_iters,
                     lr_decay_style=c.lr_decay_style, start_wd=c.weight_decay, end_wd=c.weight_decay,
                     wd_incr_steps=c.lr_decay_iters, wd_incr_style="constant")
-    if c.lr_decay_style == "WSD":
+    if c.lr_wsd_decay_iters is not None:  # also for a checkpoint's WSD under --use-checkpoint-opt_param-scheduler
         settings.update(wsd_decay_steps=c.lr_wsd_decay_iters, lr_wsd_decay_style=c.lr_wsd_decay_style)
     return settings
 
