@@ -38,10 +38,24 @@ def _async_save_available() -> bool:
     return _has_parameter(dist_checkpointing.save, "async_sharded_save")
 
 
-def _rampup_available() -> bool:
-    import importlib.util
+def async_save_arguments(async_save: bool) -> dict:
+    """``dist_checkpointing.save`` arguments for an async save by megatron-core's own writer (the
+    ``AsyncCallsQueue`` of ``strategies.async_utils``): 0.19 defaults to NVIDIA Resiliency Extension's instead."""
+    from megatron.core import dist_checkpointing
 
-    return importlib.util.find_spec("megatron.core.num_microbatches_calculator") is not None
+    if async_save and _has_parameter(dist_checkpointing.save, "async_strategy"):
+        return {"async_sharded_save": True, "async_strategy": "mcore"}
+    return {"async_sharded_save": async_save}
+
+
+def _rampup_available() -> bool:
+    """The ramp-up calculator (before 0.19) or the step schedules that replaced it (0.19)."""
+    try:
+        from megatron.core import num_microbatches_calculator as calculators
+    except ImportError:
+        return False
+    return any(hasattr(calculators, name) for name in ("RampupBatchsizeNumMicroBatchesCalculator",
+                                                       "StepBatchsizeNumMicroBatchesCalculator"))
 
 
 # (the flag as written, is it set in this config, does the installed megatron-core honour it)

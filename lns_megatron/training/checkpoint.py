@@ -32,6 +32,7 @@ from megatron.core.dist_checkpointing.serialization import (get_default_load_sha
 from megatron.core.dist_checkpointing.strategies.fully_parallel import (FullyParallelLoadStrategyWrapper,
                                                                         FullyParallelSaveStrategyWrapper)
 
+from lns_megatron import compat
 from lns_megatron.config import ConfigError, PretrainConfig
 from lns_megatron.data import datasets, metadata
 from lns_megatron.models.build import load_as_gpt
@@ -323,7 +324,7 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: Lis
     config_now = copy.deepcopy(config)  # as it is now, whenever the save completes
     try:
         request = dist_checkpointing.save(state, partial, sharded_strategy=strategy, content_metadata=metadata,
-                                          async_sharded_save=async_saves is not None)
+                                          **compat.async_save_arguments(async_saves is not None))
     except (Exception, TorchCheckpointException) as e:  # a full disk, a lost mount, a quota
         lines = str(e).strip().splitlines()
         raise CheckpointError(f"saving iteration {iteration} to {partial} failed on rank {rank} "

@@ -133,16 +133,21 @@ def train_step(model, optimizer, iterators, c: PretrainConfig, num_microbatches:
 def batch_size_schedule(c: PretrainConfig):
     """megatron-core's calculator of each iteration's global batch from the samples consumed: constant, or ramped
     up by --rampup-batch-size. Micro-batches keep their size, so the sample order is the constant batch's."""
-    from megatron.core.num_microbatches_calculator import (ConstantNumMicroBatchesCalculator,
-                                                          RampupBatchsizeNumMicroBatchesCalculator)
+    from megatron.core import num_microbatches_calculator as calculators
 
-    common = dict(global_batch_size=c.global_batch_size, micro_batch_size=c.micro_batch_size,
-                  data_parallel_size=c.data_parallel_size, decrease_batch_size_if_needed=False, rank=dist.get_rank())
+    common = dict(micro_batch_size=c.micro_batch_size, data_parallel_size=c.data_parallel_size,
+                  decrease_batch_size_if_needed=False, rank=dist.get_rank())
     if c.rampup_batch_size is None:
-        return ConstantNumMicroBatchesCalculator(**common)
+        return calculators.ConstantNumMicroBatchesCalculator(global_batch_size=c.global_batch_size, **common)
     start, increment, samples = c.rampup_batch_size
-    return RampupBatchsizeNumMicroBatchesCalculator(**common, start_global_batch_size=start,
-                                                    batch_size_increment=increment, ramup_samples=samples)
+    if hasattr(calculators, "RampupBatchsizeNumMicroBatchesCalculator"):  # megatron-core before 0.19
+        return calculators.RampupBatchsizeNumMicroBatchesCalculator(
+            global_batch_size=c.global_batch_size, **common, start_global_batch_size=start,
+            batch_size_increment=increment, ramup_samples=samples)
+    # 0.19 replaced it by step schedules: the same rule, START + k INCREMENTs from ceil(k SAMPLES / steps) samples on
+    steps = (c.global_batch_size - start) // increment
+    schedule = " ".join(f"{-(-k * samples // steps)}:{start + k * increment}" for k in range(steps + 1))
+    return calculators.StepBatchsizeNumMicroBatchesCalculator(**common, schedule=schedule)
 
 
 def check_step_is_finite(loss: float, model, iteration: int, last_checkpoint) -> None:
