@@ -517,108 +517,104 @@ def check_bounds(c: PretrainConfig) -> None:
 def validate(c: PretrainConfig, cuda_available: bool, have_te: bool) -> None:
     """Fail fast, before any model memory is allocated, with one line per problem."""
 
-    def need(ok, message):
-        if not ok:
-            raise ConfigError(message)
-
     for name in ("num_layers", "hidden_size", "num_attention_heads"):
-        need(getattr(c, name) is not None, f"{flag_name(name)} is required (or pick a --preset, e.g. --preset tiny)")
+        _need(getattr(c, name) is not None, f"{flag_name(name)} is required (or pick a --preset, e.g. --preset tiny)")
     check_bounds(c)
     tp, pp = c.tensor_model_parallel_size, c.pipeline_model_parallel_size
-    need(c.num_attention_heads % tp == 0,
+    _need(c.num_attention_heads % tp == 0,
          f"--num-attention-heads {c.num_attention_heads} is not divisible by --tensor-model-parallel-size {tp}; "
          "choose a TP size that divides the heads")
-    need(c.num_query_groups % tp == 0 and c.num_attention_heads % c.num_query_groups == 0,
+    _need(c.num_query_groups % tp == 0 and c.num_attention_heads % c.num_query_groups == 0,
          f"--num-query-groups {c.num_query_groups} must divide --num-attention-heads {c.num_attention_heads} "
          f"and be divisible by --tensor-model-parallel-size {tp}")
-    need(c.hidden_size % c.num_attention_heads == 0,
+    _need(c.hidden_size % c.num_attention_heads == 0,
          f"--hidden-size {c.hidden_size} is not divisible by --num-attention-heads {c.num_attention_heads}")
     chunk = pp * (c.num_layers_per_virtual_pipeline_stage or 1)
-    need(c.num_layers % chunk == 0,
+    _need(c.num_layers % chunk == 0,
          f"--num-layers {c.num_layers} is not divisible by --pipeline-model-parallel-size {pp}"
          + (f" x --num-layers-per-virtual-pipeline-stage {c.num_layers_per_virtual_pipeline_stage}"
             if c.num_layers_per_virtual_pipeline_stage else "")
          + f"; use a multiple of {chunk} layers")
     if c.num_layers_per_virtual_pipeline_stage is not None:
-        need(pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+        _need(pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
     cp = c.context_parallel_size
-    need(c.world_size % (tp * pp * cp) == 0,
+    _need(c.world_size % (tp * pp * cp) == 0,
          f"world size {c.world_size} is not divisible by --tensor-model-parallel-size {tp} x "
          f"--pipeline-model-parallel-size {pp}" + (f" x --context-parallel-size {cp}" if cp > 1 else "")
          + f"; launch a multiple of {tp * pp * cp} processes")
     if cp > 1:
-        need(c.transformer_impl == "transformer_engine" and cuda_available and have_te,
+        _need(c.transformer_impl == "transformer_engine" and cuda_available and have_te,
              f"--context-parallel-size {cp}: megatron-core splits a sequence over ranks only inside Transformer "
              "Engine's attention (TEDotProductAttention); use --transformer-impl transformer_engine on CUDA GPUs with "
              "Transformer Engine installed (pip install -e .[te]), or leave --context-parallel-size at 1")
-        need(c.seq_length % (2 * cp) == 0, f"--seq-length {c.seq_length} is not divisible by 2 x "
+        _need(c.seq_length % (2 * cp) == 0, f"--seq-length {c.seq_length} is not divisible by 2 x "
              f"--context-parallel-size {cp} (each rank holds two chunks, for causal load balance); use a multiple "
              f"of {2 * cp}")
     dp = c.data_parallel_size
     if c.global_batch_size is None:
         c.global_batch_size = c.micro_batch_size * dp
-    need(c.global_batch_size % (c.micro_batch_size * dp) == 0,
+    _need(c.global_batch_size % (c.micro_batch_size * dp) == 0,
          f"--global-batch-size {c.global_batch_size} is not a multiple of --micro-batch-size {c.micro_batch_size} "
          f"x data-parallel size {dp}; use a multiple of {c.micro_batch_size * dp}")
     if c.virtual_pipeline_model_parallel_size:
-        need(c.num_microbatches % pp == 0,
+        _need(c.num_microbatches % pp == 0,
              f"interleaved pipelining needs the number of micro-batches ({c.num_microbatches}) to be a multiple of "
              f"--pipeline-model-parallel-size {pp}; raise --global-batch-size")
-    need(c.seq_length <= c.max_position_embeddings,
+    _need(c.seq_length <= c.max_position_embeddings,
          f"--seq-length {c.seq_length} is longer than --max-position-embeddings {c.max_position_embeddings}; "
          "raise --max-position-embeddings or shorten --seq-length")
     if c.sequence_parallel:
-        need(tp > 1, "--sequence-parallel needs --tensor-model-parallel-size > 1")
-        need(c.transformer_impl == "transformer_engine" or c.norm_scheme != "pre",
+        _need(tp > 1, "--sequence-parallel needs --tensor-model-parallel-size > 1")
+        _need(c.transformer_impl == "transformer_engine" or c.norm_scheme != "pre",
              "--sequence-parallel with --transformer-impl local needs a --norm-scheme other than pre "
              "(megatron's local Pre-LN norm refuses sequence parallelism); or use --transformer-impl transformer_engine")
     if c.apply_layernorm_1p and c.transformer_impl == "local":
-        need(c.norm_scheme != "pre", "--apply-layernorm-1p with --transformer-impl local needs a --norm-scheme other "
+        _need(c.norm_scheme != "pre", "--apply-layernorm-1p with --transformer-impl local needs a --norm-scheme other "
              "than pre (megatron's local Pre-LN norm refuses zero-centered gamma)")
     if c.norm_scheme == "dyt":
-        need(c.transformer_impl == "local", "--norm-scheme dyt with --transformer-impl transformer_engine: Transformer "
+        _need(c.transformer_impl == "local", "--norm-scheme dyt with --transformer-impl transformer_engine: Transformer "
              "Engine fuses LayerNorm and RMSNorm only, it has no tanh; use --transformer-impl local")
-        need(not c.qk_layernorm, "--norm-scheme dyt replaces every norm, and --qk-layernorm's are not DyT; leave "
+        _need(not c.qk_layernorm, "--norm-scheme dyt replaces every norm, and --qk-layernorm's are not DyT; leave "
              "--qk-layernorm out")
     if c.norm_scheme == "bhyt":
-        need(c.transformer_impl == "local", "--norm-scheme bhyt with --transformer-impl transformer_engine: Transformer "
+        _need(c.transformer_impl == "local", "--norm-scheme bhyt with --transformer-impl transformer_engine: Transformer "
              "Engine fuses LayerNorm and RMSNorm only, it has no tanh; use --transformer-impl local")
-        need(c.normalization == "RMSNorm", f"--norm-scheme bhyt with --normalization {c.normalization}: BHyT bounds "
+        _need(c.normalization == "RMSNorm", f"--norm-scheme bhyt with --normalization {c.normalization}: BHyT bounds "
              "by the root mean square (the paper's RMSNorm form); use --normalization RMSNorm")
     if c.overlap_param_gather:
-        need(c.use_distributed_optimizer, "--overlap-param-gather needs --use-distributed-optimizer")
+        _need(c.use_distributed_optimizer, "--overlap-param-gather needs --use-distributed-optimizer")
     if c.transformer_impl == "transformer_engine" or c.fp8_format:
         what = "--fp8-format" if c.fp8_format else "--transformer-impl transformer_engine"
-        need(cuda_available, f"{what} needs a CUDA GPU; on this machine use --transformer-impl local without FP8")
-        need(have_te, f"{what} needs Transformer Engine: pip install -e .[te]")
+        _need(cuda_available, f"{what} needs a CUDA GPU; on this machine use --transformer-impl local without FP8")
+        _need(have_te, f"{what} needs Transformer Engine: pip install -e .[te]")
     if c.fp8_format:
-        need(c.transformer_impl == "transformer_engine", "--fp8-format needs --transformer-impl transformer_engine")
-        need(c.bf16, "--fp8-format needs --bf16 for the non-FP8 parts")
+        _need(c.transformer_impl == "transformer_engine", "--fp8-format needs --transformer-impl transformer_engine")
+        _need(c.bf16, "--fp8-format needs --bf16 for the non-FP8 parts")
     if c.num_experts is None:
         for name in ("expert_model_parallel_size", "expert_tensor_parallel_size"):
-            need(getattr(c, name) in (None, 1), f"{flag_name(name)} {getattr(c, name)} needs --num-experts: a dense "
+            _need(getattr(c, name) in (None, 1), f"{flag_name(name)} {getattr(c, name)} needs --num-experts: a dense "
                  "model has no experts to split")
     else:
         validate_moe(c, cuda_available, have_te)
-    need(c.min_lr <= c.lr, f"--min-lr {c.min_lr} is above --lr {c.lr}; lower --min-lr")
-    need(c.lr_warmup_iters < c.lr_decay_iters,
+    _need(c.min_lr <= c.lr, f"--min-lr {c.min_lr} is above --lr {c.lr}; lower --min-lr")
+    _need(c.lr_warmup_iters < c.lr_decay_iters,
          f"--lr-warmup-iters {c.lr_warmup_iters} must be smaller than the decay length {c.lr_decay_iters} "
          "(--lr-decay-iters, default --train-iters); shorten the warmup")
-    need(c.mock_data or c.data_path, "no training data: give --data-path PREFIX (from tools/preprocess_data.py) or --mock-data")
-    need(not (c.mock_data and c.data_path), "--mock-data and --data-path are exclusive; drop one")
+    _need(c.mock_data or c.data_path, "no training data: give --data-path PREFIX (from tools/preprocess_data.py) or --mock-data")
+    _need(not (c.mock_data and c.data_path), "--mock-data and --data-path are exclusive; drop one")
     if c.mock_data and c.tokenizer_type is None:
-        need(c.vocab_size is not None, "--mock-data needs --vocab-size (or a --tokenizer-type and --tokenizer-model)")
+        _need(c.vocab_size is not None, "--mock-data needs --vocab-size (or a --tokenizer-type and --tokenizer-model)")
     if c.data_path:
-        need(c.tokenizer_type is not None, "--data-path needs --tokenizer-type (the tokenizer the data was prepared with)")
+        _need(c.tokenizer_type is not None, "--data-path needs --tokenizer-type (the tokenizer the data was prepared with)")
     if c.save_interval is not None:
-        need(c.save is not None, "--save-interval needs --save DIR")
+        _need(c.save is not None, "--save-interval needs --save DIR")
     for name in ("use_checkpoint_args", "finetune", "no_load_optim", "no_load_rng", "override_opt_param_scheduler",
                  "use_checkpoint_opt_param_scheduler"):
-        need(not getattr(c, name) or c.load is not None, f"{flag_name(name)} needs --load DIR")
-    need(not (c.override_opt_param_scheduler and c.use_checkpoint_opt_param_scheduler),
+        _need(not getattr(c, name) or c.load is not None, f"{flag_name(name)} needs --load DIR")
+    _need(not (c.override_opt_param_scheduler and c.use_checkpoint_opt_param_scheduler),
          "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are exclusive; choose one")
     if c.load is not None:
-        need(os.path.isdir(c.load), f"--load {c.load}: no such directory; give the --save directory of an earlier run")
+        _need(os.path.isdir(c.load), f"--load {c.load}: no such directory; give the --save directory of an earlier run")
     validate_recompute(c, have_te)
     validate_schedule(c)
     validate_diagnosis(c)
@@ -700,35 +696,31 @@ def validate_diagnosis(c: PretrainConfig) -> None:
 def validate_moe(c: PretrainConfig, cuda_available: bool, have_te: bool) -> None:
     """The MoE flags, each problem one line (megatron-core would otherwise fail later, some of them inside the
     first forward pass). Whether the norm scheme is defined on MoE is models.build.check_moe_scheme's."""
-    def need(ok, message):
-        if not ok:
-            raise ConfigError(message)
-
     n, ep, pp = c.num_experts, c.expert_model_parallel_size, c.pipeline_model_parallel_size
     tp, etp = c.tensor_model_parallel_size, c.expert_tensor_parallel_size or c.tensor_model_parallel_size
-    need(not c.hybrid_layer_pattern, "--num-experts with --hybrid-layer-pattern: MoE layers are not mapped onto "
+    _need(not c.hybrid_layer_pattern, "--num-experts with --hybrid-layer-pattern: MoE layers are not mapped onto "
          "HybridModel's pattern here; leave --hybrid-layer-pattern out (GPTModel builds the MoE layers)")
-    need(n % ep == 0, f"--num-experts {n} is not divisible by --expert-model-parallel-size {ep}; choose an "
+    _need(n % ep == 0, f"--num-experts {n} is not divisible by --expert-model-parallel-size {ep}; choose an "
          "expert-parallel size that divides the experts")
-    need(c.moe_router_topk <= n, f"--moe-router-topk {c.moe_router_topk} is more than --num-experts {n}")
-    need(c.world_size % (etp * ep * pp) == 0,
+    _need(c.moe_router_topk <= n, f"--moe-router-topk {c.moe_router_topk} is more than --num-experts {n}")
+    _need(c.world_size % (etp * ep * pp) == 0,
          f"world size {c.world_size} is not divisible by --expert-tensor-parallel-size {etp} x "
          f"--expert-model-parallel-size {ep} x --pipeline-model-parallel-size {pp}; launch a multiple of "
          f"{etp * ep * pp} processes")
-    need(tp == 1 or c.sequence_parallel, f"--num-experts with --tensor-model-parallel-size {tp} needs "
+    _need(tp == 1 or c.sequence_parallel, f"--num-experts with --tensor-model-parallel-size {tp} needs "
          "--sequence-parallel (megatron-core's MoE layer refuses tensor parallelism without it in training)")
-    need(c.moe_router_topk > 1 or c.moe_router_pre_softmax or c.moe_router_load_balancing_type == "sinkhorn",
+    _need(c.moe_router_topk > 1 or c.moe_router_pre_softmax or c.moe_router_load_balancing_type == "sinkhorn",
          "--moe-router-topk 1 needs --moe-router-pre-softmax (a softmax over one expert has zero gradient)")
-    need(c.moe_router_load_balancing_type != "sinkhorn" or not c.moe_aux_loss_coeff,
+    _need(c.moe_router_load_balancing_type != "sinkhorn" or not c.moe_aux_loss_coeff,
          f"--moe-router-load-balancing-type sinkhorn balances by routing and takes no aux loss (megatron-core "
          f"asserts it in the first forward); give --moe-aux-loss-coeff 0, not {c.moe_aux_loss_coeff}")
-    need(c.disable_bias_linear or etp == 1, f"--expert-tensor-parallel-size {etp}: megatron-core supports biases in "
+    _need(c.disable_bias_linear or etp == 1, f"--expert-tensor-parallel-size {etp}: megatron-core supports biases in "
          "experts only at 1; add --disable-bias-linear or use --expert-tensor-parallel-size 1")
     if c.moe_grouped_gemm:
         if c.transformer_impl == "local":
             import importlib.util
 
-            need(cuda_available and importlib.util.find_spec("grouped_gemm") is not None,
+            _need(cuda_available and importlib.util.find_spec("grouped_gemm") is not None,
                  "--moe-grouped-gemm with --transformer-impl local needs a CUDA GPU and the grouped_gemm package "
                  "(megatron-core's GroupedMLP); use --transformer-impl transformer_engine (TEGroupedMLP), or leave "
                  "--moe-grouped-gemm out (one GEMM per expert)")

@@ -246,6 +246,12 @@ def _sharded_state(model: List, optimizer, is_loading: bool, metadata: dict) -> 
     return state
 
 
+def _last_line(error: BaseException) -> str:
+    """The last line of an error's message (torch's CheckpointException carries a whole traceback)."""
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__
+
+
 class AsyncSaves:
     """megatron-core's queue of async checkpoint writes (``AsyncCallsQueue``, one forked writer per rank and save).
     Every method is called on every rank: finishing a save needs all of them."""
@@ -269,9 +275,8 @@ class AsyncSaves:
             done = self.queue.maybe_finalize_async_calls(blocking=blocking)
         except (Exception, TorchCheckpointException) as e:
             iteration, final = self.pending[0]
-            lines = str(e).strip().splitlines()
             raise CheckpointError(f"the background save of iteration {iteration} to {final}.tmp failed "
-                                  f"({lines[-1] if lines else type(e).__name__}); the latest complete checkpoint is "
+                                  f"({_last_line(e)}); the latest complete checkpoint is "
                                   "unchanged: free space or fix the mount, then resume from it") from None
         finished, self.pending = self.pending[:len(done)], self.pending[len(done):]
         return finished
@@ -326,9 +331,8 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: Lis
         request = dist_checkpointing.save(state, partial, sharded_strategy=strategy, content_metadata=metadata,
                                           **compat.async_save_arguments(async_saves is not None))
     except (Exception, TorchCheckpointException) as e:  # a full disk, a lost mount, a quota
-        lines = str(e).strip().splitlines()
         raise CheckpointError(f"saving iteration {iteration} to {partial} failed on rank {rank} "
-                              f"({lines[-1] if lines else type(e).__name__}); the latest complete checkpoint in "
+                              f"({_last_line(e)}); the latest complete checkpoint in "
                               f"{root} is unchanged: free space or fix the mount, then resume from it") from None
     if async_saves is not None:
         if rank == 0:  # megatron runs it after every rank's writer is done and the shards' metadata is written
@@ -362,8 +366,7 @@ def load_checkpoint(root: str, model: List, optimizer=None, scheduler=None, load
                                                         parallel_state.get_data_parallel_group(with_context_parallel=True))
         state = dist_checkpointing.load(sharded, directory, sharded_strategy=strategy)
     except (Exception, TorchCheckpointException) as e:  # a missing shard, a torn file, another model shape
-        lines = str(e).strip().splitlines()  # torch's CheckpointException carries a whole traceback
-        reason = lines[-1] if lines else type(e).__name__
+        reason = _last_line(e)
         raise CheckpointError(f"checkpoint {directory}: cannot be loaded into this model ({reason}): its files are "
                               "torn or corrupt, or it holds another model shape; pass an earlier iter_* directory "
                               "or the flags it was trained with") from e
