@@ -287,6 +287,21 @@ class PretrainConfig:
     use_checkpoint_opt_param_scheduler: bool = _flag(
         "on --load, keep the checkpoint's learning-rate schedule and ignore the schedule flags", False,
         flag="--use-checkpoint-opt_param-scheduler")
+    depth_growth: Optional[str] = _flag("grow the model during the run to --num-layers: midas (copy the middle block "
+                                        "of --growth-block-size layers after itself), stack (repeat the whole stack) "
+                                        "or identity (a zero-output copy after every --growth-block-size-th layer)",
+                                        choices=["midas", "stack", "identity"])
+    growth_block_size: Optional[int] = _flag("--depth-growth midas: the block b it copies; identity: a copy after "
+                                             "every b-th layer", **POSITIVE)
+    growth_stages: Optional[int] = _flag("--depth-growth: the number of stages K (the depth grows K - 1 times)",
+                                         **POSITIVE)
+    growth_schedule: str = _flag("--depth-growth: prop-ALPHA, stage i lasting in proportion to i^ALPHA (MIDAS's "
+                                 "Prop-alpha)", "prop-1")
+    growth_lns_scales: str = _flag("--depth-growth with LNS: position (each layer takes 1/sqrt(l) of its new place) "
+                                   "or inherit (each layer keeps its l; a copy takes its source's)", "position",
+                                   choices=["position", "inherit"])
+    growth_optimizer_state: str = _flag("--depth-growth: copy the Adam moments to the copied layers, or reset every "
+                                        "moment and Adam's step", "copy", choices=["copy", "reset"])
     eval_interval: int = _flag("validate every N iterations", 1000, **POSITIVE)
     eval_iters: int = _flag("validation micro-batch rounds (0: no validation)", 10, **NON_NEGATIVE)
     check_for_nan_in_loss_and_grad: bool = _flag(
@@ -315,6 +330,8 @@ class PretrainConfig:
     world_size: int = field(default=1, metadata=dict(derived=True))
     tokenizer_identity: Optional[dict] = field(default=None, metadata=dict(derived=True))  # data.metadata's
     padded_vocab_size: Optional[int] = field(default=None, metadata=dict(derived=True))
+    # The l of each layer's LNS scale 1/sqrt(l) where it is not the layer's place (set by depth growth's inherit)
+    lns_depths: Optional[List[int]] = field(default=None, metadata=dict(derived=True))
 
     @property
     def data_parallel_size(self) -> int:

@@ -28,7 +28,6 @@ from lns_megatron.training.checkpoint import (CONFIG_FILE, TRACKER, CheckpointEr
                                               load_model, saved_config)
 from lns_megatron.config import PretrainConfig
 from lns_megatron.schemes import NORM_SCHEMES
-from lns_megatron.schemes.lns import layernorm_scale
 from lns_megatron.hf.scaling import (PRE_NORMS, LayerNormScalingError, fold_layernorm_scaling, from_pretrained,
                                      is_lns)
 
@@ -139,7 +138,7 @@ def hf_weights(loaded: LoadedModel, dtype: torch.dtype = torch.float32,
     lns = NORM_SCHEMES[c.norm_scheme].lns and not keep_lns
     for i in range(tc.num_layers):
         meg, hf = f"decoder.layers.{i}.", f"model.layers.{i}."
-        scale = layernorm_scale(i + 1) if lns else 1.0
+        scale = model.decoder.layers[i].lns_scale if lns else 1.0  # 1/sqrt(l), l kept by a grown model's layers
         out[hf + "input_layernorm.weight"] = norm_weight(meg + "input_layernorm.weight", scale)
         if gemma:  # Peri-LN: post_attention_layernorm is the attention's output norm, as in Gemma 2
             out[hf + "post_attention_layernorm.weight"] = norm_weight(meg + "self_attention.linear_proj.output_norm.weight")
@@ -197,6 +196,7 @@ def hf_weights(loaded: LoadedModel, dtype: torch.dtype = torch.float32,
             "norm_scheme": c.norm_scheme,
             "lns_folded_into": ", ".join(PRE_NORMS) if c.norm_scheme == "lns" and not keep_lns else None,
             "iteration": loaded.iteration,
+            "lns_depths": c.lns_depths,  # depth growth's inherit: the l of each layer's 1/sqrt(l)
             "padded_vocab_size": int(sd["embedding.word_embeddings.weight"].shape[0]),
         },
     }

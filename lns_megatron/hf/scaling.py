@@ -87,7 +87,11 @@ def apply_layernorm_scaling(model: torch.nn.Module) -> torch.nn.Module:
     layers = decoder_layers(model)
     if scaled_norms(model):
         raise LayerNormScalingError(f"apply_layernorm_scaling: {kind} is already LNS (its pre-norms carry lns_scale)")
-    for l, layer in enumerate(layers, 1):
+    depths = record.get("lns_depths") or range(1, len(layers) + 1)  # a grown model's layers may keep their l
+    if len(depths) != len(layers):
+        raise LayerNormScalingError(f"apply_layernorm_scaling: {kind} has {len(layers)} layers but its config's "
+                                    f"lns_megatron.lns_depths names {len(depths)}; the config is not this model's")
+    for l, layer in zip(depths, layers):
         for name in PRE_NORMS:
             norm = getattr(layer, name)
             norm.lns_scale = layernorm_scale(l)

@@ -60,7 +60,7 @@ def build_model_chunk(c: PretrainConfig, config: TransformerConfig, vocab_size: 
     if pattern is None:
         return build_gpt_model(config, vocab_size=vocab_size, max_sequence_length=c.max_position_embeddings,
                                mix_ln_alpha=c.mix_ln_alpha, dyt_alpha_init=dyt_alpha_init(c),
-                               bhyt_lambda_init=bhyt_lambda_init(c), **common)
+                               bhyt_lambda_init=bhyt_lambda_init(c), lns_depths=c.lns_depths, **common)
     return hybrid.build_hybrid_lns_model(config, vocab_size, c.max_position_embeddings, pattern, **common)
 
 

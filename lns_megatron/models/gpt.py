@@ -159,6 +159,7 @@ def build_gpt_model(
     dyt_alpha_init: tuple = (0.5, 0.5, 0.5),
     bhyt_lambda_init: tuple = (2.0, 2.0),
     vp_stage: Optional[int] = None,
+    lns_depths: Optional[list] = None,
 ) -> GPTModel:
     """One model chunk for this pipeline rank (and virtual stage ``vp_stage``)."""
     if config.num_moe_experts:
@@ -174,7 +175,7 @@ def build_gpt_model(
     else:
         spec = get_gpt_lns_block_spec(config, transformer_impl, norm_scheme, qk_layernorm=qk_layernorm,
                                       mix_ln_alpha=mix_ln_alpha, dyt_alpha_init=dyt_alpha_init,
-                                      bhyt_lambda_init=bhyt_lambda_init, vp_stage=vp_stage)
+                                      bhyt_lambda_init=bhyt_lambda_init, vp_stage=vp_stage, lns_depths=lns_depths)
     model_class = DyTGPTModel if NORM_SCHEMES[norm_scheme].tanh else GPTModel
     return model_class(
         config=config,

@@ -185,13 +185,15 @@ def get_gpt_lns_block_spec(config, transformer_impl: str = "local", norm_scheme:
                            qk_layernorm: bool = False, mix_ln_alpha: float = 0.25,
                            dyt_alpha_init: Tuple[float, float, float] = (0.5, 0.5, 0.5),
                            bhyt_lambda_init: Tuple[float, float] = (2.0, 2.0),
-                           vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
+                           vp_stage: Optional[int] = None,
+                           lns_depths: Optional[List[int]] = None) -> TransformerBlockSubmodules:
     """The layer specs of this pipeline chunk (global layer numbers from megatron's offset) and the final
     norm, for every scheme but ``"pre"`` (which is megatron's own: pass ``get_gpt_lns_layer_spec`` to GPTModel).
 
     The final norm is an unscaled :class:`LNSNorm` (local; megatron's own without apex refuses sequence
     parallelism and zero-centered gamma) or ``TENorm``, and none for Post-LN and DeepNorm. Mix-LN's first
-    ``floor(mix_ln_alpha * N)`` layers are Post-LN, the others Pre-LN."""
+    ``floor(mix_ln_alpha * N)`` layers are Post-LN, the others Pre-LN. ``lns_depths``: for an LNS scheme, the
+    ``l`` of each layer's ``1/sqrt(l)`` (all N of them) where it is not the layer's own number (a grown model's)."""
     scheme = _norm_scheme(norm_scheme, "get_gpt_lns_block_spec: norm_scheme")
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
     moe = moe_layers(config, vp_stage)
@@ -223,6 +225,13 @@ def get_gpt_lns_block_spec(config, transformer_impl: str = "local", norm_scheme:
 
         specs = {kind: layer_spec(kind) for kind in set(moe or [False])}
         layers = [specs[moe[i] if moe else False] for i in range(count)]
+        if lns_depths is not None and scheme.lns:
+            if len(lns_depths) != config.num_layers:
+                raise ValueError(f"get_gpt_lns_block_spec: lns_depths has {len(lns_depths)} entries for "
+                                 f"{config.num_layers} layers")
+            offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+            layers = [dataclasses.replace(spec, params=dict(spec.params, lns_depth=lns_depths[offset + i]))
+                      for i, spec in enumerate(layers)]
     final_norm = None
     if scheme.tanh:
         final_norm = ModuleSpec(module=DyT, params=dict(alpha_init=dyt_alpha_init[2]))

@@ -15,6 +15,8 @@ and checkpoints are identical to Pre-LN ones.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.identity_op import IdentityOp
@@ -214,8 +216,10 @@ class LNSTransformerLayer(TransformerLayer):
     silently do nothing.
     """
 
-    def __init__(self, config: TransformerConfig, submodules, layer_number: int = 1, *args, **kwargs):
+    def __init__(self, config: TransformerConfig, submodules, layer_number: int = 1, *args,
+                 lns_depth: Optional[int] = None, **kwargs):
         super().__init__(config, submodules, layer_number, *args, **kwargs)
+        self._lns_depth = lns_depth  # a grown model's layer may keep the l it was trained with (training/growth.py)
         self.lns_scale = layernorm_scale(self.lns_depth())
         for where, carrier in self._pre_norm_carriers():
             if not hasattr(type(carrier), "lns_scale"):
@@ -227,8 +231,8 @@ class LNSTransformerLayer(TransformerLayer):
             carrier.lns_scale = self.lns_scale
 
     def lns_depth(self) -> int:
-        """The ``l`` of 1/sqrt(l): the global layer number (a hybrid stack counts pairs instead)."""
-        return self.layer_number
+        """The ``l`` of 1/sqrt(l): the global layer number (a hybrid stack counts pairs instead), or the one given."""
+        return self.layer_number if self._lns_depth is None else self._lns_depth
 
     def _pre_norm_carriers(self):
         """The modules that hold the pre-attention and pre-MLP norm parameters (of the sublayers this
@@ -247,4 +251,4 @@ class LNSTransformerLayer(TransformerLayer):
         return carriers
 
     def extra_repr(self) -> str:
-        return f"layer_number={self.layer_number}, lns_scale={self.lns_scale:.6g}"
+        return f"layer_number={self.layer_number}, lns_depth={self.lns_depth()}, lns_scale={self.lns_scale:.6g}"

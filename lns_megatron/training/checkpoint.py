@@ -347,24 +347,38 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: Lis
 
 
 def load_checkpoint(root: str, model: List, optimizer=None, scheduler=None, load_rng: bool = True,
-                    fully_parallel: bool = False) -> Tuple[int, int]:
+                    fully_parallel: bool = False, layer_mapping=None) -> Tuple[int, int]:
     """Load into ``model`` (any TP/PP layout: dist_checkpointing reshards). Returns
     (iteration, consumed_samples). ``fully_parallel``: each tensor is read by one data-parallel rank and
-    exchanged (Megatron-LM's --ckpt-fully-parallel-load)."""
+    exchanged (Megatron-LM's --ckpt-fully-parallel-load). ``layer_mapping`` (a
+    :class:`lns_megatron.training.growth.LayerMapping`): ``model`` is a grown one, whose layers are read from
+    their source layers of the checkpoint."""
     directory, _ = latest_checkpoint(root)
     saved = saved_config(directory)
     same_layout = (saved.get("tensor_model_parallel_size") == parallel_state.get_tensor_model_parallel_world_size()
                    and saved.get("pipeline_model_parallel_size") == parallel_state.get_pipeline_model_parallel_world_size())
     try:  # megatron-core 0.19 reads the content metadata from the shards too
         metadata = dist_checkpointing.load_content_metadata(directory) or {}
+        if (layer_mapping is not None and optimizer is not None
+                and metadata.get("distrib_optim_sharding_type") == "dp_reshardable"):
+            raise CheckpointError(f"checkpoint {directory}: its distributed-optimizer state is saved per data-parallel "
+                                  "shard (dp_reshardable), which holds no per-layer Adam state to map onto the grown layers; "
+                                  "train it one more iteration with --dist-ckpt-optim-fully-reshardable (it saves at the "
+                                  "end) and grow that checkpoint")
         sharded = _sharded_state(model, optimizer, is_loading=True, metadata=metadata)
         if not (load_rng and same_layout):
             sharded.pop("rng_state")
         strategy = None
-        if fully_parallel:
+        if fully_parallel and layer_mapping is None:  # a grown model reads some tensors twice: no exchange plan
             strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(directory),
                                                         parallel_state.get_data_parallel_group(with_context_parallel=True))
-        state = dist_checkpointing.load(sharded, directory, sharded_strategy=strategy)
+        copies = layer_mapping.remap(sharded) if layer_mapping is not None else None
+        state = dist_checkpointing.load(sharded, directory, sharded_strategy=strategy,
+                                        validate_access_integrity=layer_mapping is None)
+        if layer_mapping is not None:
+            layer_mapping.finish(state, dist_checkpointing.load(copies, directory, validate_access_integrity=False))
+    except (CheckpointError, ConfigError):
+        raise
     except (Exception, TorchCheckpointException) as e:  # a missing shard, a torn file, another model shape
         reason = _last_line(e)
         raise CheckpointError(f"checkpoint {directory}: cannot be loaded into this model ({reason}): its files are "

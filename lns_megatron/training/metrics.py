@@ -59,8 +59,7 @@ class MetricsLogger:
     """Only the last rank writes TensorBoard and prints the iteration line, as in Megatron-LM."""
 
     def __init__(self, c: PretrainConfig, padded_vocab_size: int):
-        self.c = c
-        self.flops_per_sample = flops_per_iteration(c, padded_vocab_size) / c.global_batch_size
+        self.set_model(c, padded_vocab_size)
         self.is_writer = dist.get_rank() == dist.get_world_size() - 1
         self.writer = None
         if self.is_writer and c.tensorboard_dir:
@@ -72,9 +71,14 @@ class MetricsLogger:
         self.interval_samples = 0
         self.skipped = 0
         self.nan = 0
+        self.moe_totals: Dict[str, torch.Tensor] = {}
+
+    def set_model(self, c: PretrainConfig, padded_vocab_size: int) -> None:
+        """The model's flags: at the start, and when depth growth makes it deeper (FLOPs and MoE layers follow)."""
+        self.c = c
+        self.flops_per_sample = flops_per_iteration(c, padded_vocab_size) / c.global_batch_size
         self.moe_names = moe_loss_names(c)
         self.moe_pattern = moe_layer_pattern(c.moe_layer_freq, c.num_layers) if self.moe_names else None
-        self.moe_totals: Dict[str, torch.Tensor] = {}
 
     def moe_losses(self, iteration: int, num_microbatches: int) -> None:
         """Read and reset megatron-core's MoE loss tracker, on every rank (it reduces over the pipeline and data

@@ -12,65 +12,25 @@ import math
 import os
 import time
 from functools import partial
-from typing import List
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import get_batch_on_this_cp_rank
 
 from lns_megatron import compat
 from lns_megatron.config import ConfigError, PretrainConfig, moe_layer_pattern, unused_moe_flags, unused_scheme_flags, validate
 from lns_megatron.data import datasets, metadata
-from lns_megatron.models.build import build_model_chunk, check_moe_scheme, hybrid_pattern
+from lns_megatron.models.build import check_moe_scheme, hybrid_pattern
 from lns_megatron.models.gpt import transformer_config
 from lns_megatron.schemes.lns import HAVE_TE
-from lns_megatron.training import checkpoint, distributed, probes, safety
+from lns_megatron.training import checkpoint, distributed, growth, probes, safety
+from lns_megatron.training.build import build_model, build_optimizer  # noqa: F401  (public here too)
 from lns_megatron.training.profiling import ManualGC, ProfilerWindow
 from lns_megatron.training.safety import NonFiniteError
-from lns_megatron.training.metrics import MetricsLogger
-
-
-def build_model(c: PretrainConfig, vocab_size: int) -> List[torch.nn.Module]:
-    config = transformer_config(c)
-    vpp = c.virtual_pipeline_model_parallel_size
-    model = []
-    for vp_stage in range(vpp or 1):
-        chunk = build_model_chunk(c, config, vocab_size, vp_stage if vpp else None)
-        if torch.cuda.is_available():
-            chunk.cuda(torch.cuda.current_device())
-        if c.bf16:
-            chunk = Float16Module(config, chunk)
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=c.bf16, overlap_grad_reduce=c.overlap_grad_reduce,
-            overlap_param_gather=c.overlap_param_gather, use_distributed_optimizer=c.use_distributed_optimizer,
-        )
-        # Only the first chunk's buckets may skip the bucketing of the embedding, as in Megatron-LM.
-        model.append(DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=vp_stage > 0))
-    return model
-
-
-def build_optimizer(c: PretrainConfig, model):
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam", lr=c.lr, min_lr=c.min_lr, weight_decay=c.weight_decay,
-            adam_beta1=c.adam_beta1, adam_beta2=c.adam_beta2, adam_eps=c.adam_eps, clip_grad=c.clip_grad,
-            bf16=c.bf16, params_dtype=torch.bfloat16 if c.bf16 else torch.float32,
-            use_distributed_optimizer=c.use_distributed_optimizer,
-        ),
-        model,
-    )
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, **safety.schedule_settings(c),
-        use_checkpoint_opt_param_scheduler=c.use_checkpoint_opt_param_scheduler,
-        override_opt_param_scheduler=c.override_opt_param_scheduler,
-    )
-    return optimizer, scheduler
+from lns_megatron.training.metrics import MetricsLogger, flops_per_iteration
 
 
 def forward_step(data_iterator, model):
@@ -150,6 +110,13 @@ def batch_size_schedule(c: PretrainConfig):
     return calculators.StepBatchsizeNumMicroBatchesCalculator(**common, schedule=schedule)
 
 
+def grown_description(c: PretrainConfig, plan, stage: int) -> str:
+    """What grew into stage ``stage``: the operator's layer copies (and LNS's positions, when kept)."""
+    sources, copies = growth.layer_sources(c.depth_growth, plan.depths[stage - 1], c.growth_block_size)
+    kept = "; each layer keeps its LNS l" if plan.lns_depths[stage] is not None else ""
+    return growth.describe(c.depth_growth, sources, copies) + kept
+
+
 def check_step_is_finite(loss: float, model, iteration: int, last_checkpoint) -> None:
     """Megatron-LM's --check-for-nan-in-loss-and-grad, before the optimizer step."""
     if math.isfinite(loss):
@@ -191,8 +158,12 @@ def prepare_resume(c: PretrainConfig):
         raise ConfigError(unsupported)
     hybrid_pattern(c)  # refuses a pattern that does not fit --num-layers and the pipeline layout
     check_moe_scheme(c)
-    try:  # megatron-core's own checks of the combination, before any process group or memory
-        transformer_config(c)
+    plan = growth.schedule(c)
+    if plan and c.use_distributed_optimizer and not c.dist_ckpt_optim_fully_reshardable:
+        c.dist_ckpt_optim_fully_reshardable = True  # growth maps Adam state per layer: per-DP-shard saves have none
+    try:  # megatron-core's own checks of the combination (at every stage's depth), before any process group or memory
+        for stage in range(len(plan.depths) if plan else 1):
+            transformer_config(growth.stage_config(c, plan, stage) if plan else c)
     except (AssertionError, ValueError) as e:
         raise ConfigError(f"megatron-core refuses these flags: {e}") from None
     if c.load is not None:
@@ -209,8 +180,20 @@ def prepare_resume(c: PretrainConfig):
                                                      c.tensor_model_parallel_size)
     notices = []
     if directory is not None:
+        if plan is None:
+            c.lns_depths = saved.get("lns_depths")  # a grown checkpoint's layers keep the l recorded with it
+            expected = c
+        else:  # a checkpoint of stage k has stage k's depth, a boundary's the depth before its growth
+            _, saved_iteration = checkpoint.latest_checkpoint(c.load)
+            expected = growth.stage_config(c, plan, plan.stage_of_checkpoint(saved_iteration))
+            if saved.get("num_layers") != expected.num_layers or saved.get("depth_growth") != c.depth_growth:
+                raise ConfigError(
+                    f"--load {directory}: a checkpoint of {saved.get('num_layers')} layers at iteration "
+                    f"{saved_iteration}, but this --depth-growth schedule ({', '.join(map(str, plan.depths))} layers, "
+                    f"growing after iterations {', '.join(map(str, plan.boundaries))}) has {expected.num_layers} "
+                    "there; resume with the growth flags it was trained with")
         schedule = None if c.finetune else checkpoint.saved_schedule(directory)
-        notices = safety.compare_with_checkpoint(directory, saved, schedule, c,
+        notices = safety.compare_with_checkpoint(directory, saved, schedule, expected,
                                                  load_optimizer=not (c.finetune or c.no_load_optim))
     return tokenizer, directory, notices
 
@@ -232,9 +215,9 @@ def pretrain(c: PretrainConfig) -> dict:
             lock.release()
 
 
-def _train(c: PretrainConfig, tokenizer, resume_from, notices) -> dict:
-    vocab = c.padded_vocab_size
-    model = build_model(c, vocab)
+def build_training_state(c: PretrainConfig):
+    """The model chunks, optimizer and scheduler of ``c``, wired into the schedules as Megatron-LM wires them."""
+    model = build_model(c, c.padded_vocab_size)
     optimizer, scheduler = build_optimizer(c, model)
     config = model[0].config
     config.grad_scale_func = optimizer.scale_loss
@@ -243,13 +226,28 @@ def _train(c: PretrainConfig, tokenizer, resume_from, notices) -> dict:
         config.no_sync_func = [chunk.no_sync for chunk in model] if len(model) > 1 else model[0].no_sync
     if c.overlap_param_gather:
         config.param_sync_func = [chunk.start_param_sync for chunk in model] if len(model) > 1 else model[0].start_param_sync
+    return model, optimizer, scheduler
+
+
+def _train(c: PretrainConfig, tokenizer, resume_from, notices) -> dict:
+    vocab = c.padded_vocab_size
+    plan = growth.schedule(c)
+    resumed_at = checkpoint.latest_checkpoint(resume_from)[1] if resume_from is not None else 0
+    stage = plan.stage_after(resumed_at) if plan else 0
+    model_c = growth.stage_config(c, plan, stage) if plan else c  # the flags of the model being trained now
+    model, optimizer, scheduler = build_training_state(model_c)
+    config = model[0].config
 
     iteration, consumed = 0, 0
     if resume_from is not None:
+        grows = plan is not None and plan.stage_of_checkpoint(resumed_at) < stage  # a boundary's checkpoint
         iteration, consumed = checkpoint.load_checkpoint(
             resume_from, model, optimizer=None if c.finetune or c.no_load_optim else optimizer,
             scheduler=None if c.finetune else scheduler, load_rng=not (c.finetune or c.no_load_rng),
-            fully_parallel=c.ckpt_fully_parallel_load)
+            fully_parallel=c.ckpt_fully_parallel_load,
+            layer_mapping=growth.layer_mapping(c, plan.depths[stage - 1]) if grows else None)
+        if c.finetune or c.no_load_optim:
+            optimizer.reload_model_params()  # bf16: the fp32 main weights from the loaded ones (Megatron-LM's too)
         if c.finetune:
             iteration, consumed = 0, 0
     start_iteration = iteration
@@ -261,7 +259,7 @@ def _train(c: PretrainConfig, tokenizer, resume_from, notices) -> dict:
     valid_iters = datasets.data_iterators(valid_ds, c, valid_consumed, len(model)) if c.eval_iters > 0 else None
     depth_batch = next(datasets.data_iterators(valid_ds or train_ds, c, 0, 1)[0]) if c.depth_log_interval else None
 
-    logger = MetricsLogger(c, vocab)
+    logger = MetricsLogger(model_c, vocab)
     if logger.is_writer:
         kind = f"HybridModel {c.hybrid_layer_pattern!r}" if c.hybrid_layer_pattern else "GPTModel"
         if c.num_experts:
@@ -269,7 +267,7 @@ def _train(c: PretrainConfig, tokenizer, resume_from, notices) -> dict:
                      f"experts of {c.moe_ffn_hidden_size}, top-{c.moe_router_topk}, EP={c.expert_model_parallel_size} "
                      f"ETP={c.expert_tensor_parallel_size}")
         cp = f" CP={c.context_parallel_size} ({c.cp_comm_type})" if c.context_parallel_size > 1 else ""
-        print(f"lns-pretrain: {c.norm_scheme} | {kind} | {c.num_layers} layers x {c.hidden_size} | TP={c.tensor_model_parallel_size} "
+        print(f"lns-pretrain: {c.norm_scheme} | {kind} | {model_c.num_layers} layers x {c.hidden_size} | TP={c.tensor_model_parallel_size} "
               f"PP={c.pipeline_model_parallel_size} VPP={c.virtual_pipeline_model_parallel_size}{cp} DP={c.data_parallel_size} | "
               f"{c.num_microbatches} micro-batches of {c.micro_batch_size} | vocab {tokenizer.vocab_size} (padded {vocab})",
               flush=True)
@@ -281,10 +279,20 @@ def _train(c: PretrainConfig, tokenizer, resume_from, notices) -> dict:
         print(f"lns-pretrain: init N(0, {c.init_method_std:g}); linear_proj and linear_fc2 {c.output_layer_init} "
               f"N(0, {output_std:.4g}); embeddings N(0, {c.embedding_init_method_std or c.init_method_std:g})",
               flush=True)
+        if plan:
+            fraction = plan.flops_fraction(c.train_iters, lambda d: flops_per_iteration(
+                growth.stage_config(c, plan, plan.depths.index(d)), vocab))
+            print(f"lns-pretrain: depth growth ({c.depth_growth}, {c.growth_schedule}): "
+                  f"{' -> '.join(map(str, plan.depths))} layers, growing after iterations "
+                  f"{', '.join(map(str, plan.boundaries))}; {fraction:.3f} of the training FLOPs of {c.num_layers} "
+                  f"layers throughout ({1 - fraction:.1%} saved)", flush=True)
         if resume_from is not None:
             what = "weights only (--finetune)" if c.finetune else f"iteration {iteration}" + (
                 ", fresh Adam state (--no-load-optim)" if c.no_load_optim else "")
             print(f"lns-pretrain: loaded {resume_from}: {what}", flush=True)
+            if plan and plan.stage_of_checkpoint(resumed_at) < stage:
+                print(f"lns-pretrain: depth growth at iteration {iteration}: {grown_description(c, plan, stage)}",
+                      flush=True)
         for notice in notices:
             print(f"lns-pretrain: resuming with a changed setting: {notice}", flush=True)
         unused = unused_scheme_flags(c)
@@ -329,7 +337,7 @@ def _train(c: PretrainConfig, tokenizer, resume_from, notices) -> dict:
         finish_async_saves(blocking=True)  # one background save at a time: the pointer moves in order
         start = time.perf_counter()
         with logger.untimed():
-            directory = checkpoint.save_checkpoint(c.save, iteration, consumed, model, optimizer, scheduler, c,
+            directory = checkpoint.save_checkpoint(c.save, iteration, consumed, model, optimizer, scheduler, model_c,
                                                    async_saves=async_saves)
         if directory is not None:
             last_checkpoint = directory
@@ -339,6 +347,28 @@ def _train(c: PretrainConfig, tokenizer, resume_from, notices) -> dict:
                   f"lns-pretrain: saving iteration {iteration} in the background ({time.perf_counter() - start:.1f} "
                   "s of training time)", flush=True)
 
+    def grow():
+        """At a stage boundary: the boundary's checkpoint, loaded into the next stage's deeper model."""
+        nonlocal model, optimizer, scheduler, model_c, stage, config
+        finish_async_saves(blocking=True)
+        if last_checkpoint != checkpoint.iteration_dir(c.save, iteration):
+            save(iteration)
+            finish_async_saves(blocking=True)
+        stage += 1
+        model_c = growth.stage_config(c, plan, stage)
+        del model, optimizer, scheduler  # before the deeper one is allocated
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        with logger.untimed():
+            model, optimizer, scheduler = build_training_state(model_c)
+            config = model[0].config
+            checkpoint.load_checkpoint(last_checkpoint, model, optimizer, scheduler,
+                                       layer_mapping=growth.layer_mapping(c, plan.depths[stage - 1]))
+        logger.set_model(model_c, vocab)
+        if logger.is_writer:
+            print(f"lns-pretrain: depth growth at iteration {iteration}: {grown_description(c, plan, stage)}",
+                  flush=True)
+
     batches = batch_size_schedule(c)
     profiler = ProfilerWindow(c)
     collector = ManualGC(c)
@@ -346,6 +376,9 @@ def _train(c: PretrainConfig, tokenizer, resume_from, notices) -> dict:
     phase = "start-up"
     try:
         while iteration < c.train_iters:
+            if plan and stage < len(plan.boundaries) and iteration >= plan.boundaries[stage]:
+                phase = f"the depth growth after iteration {iteration}"
+                grow()
             phase = f"the forward and backward pass of iteration {iteration + 1}"
             profiler.before(iteration + 1)
             batches.update(consumed, consistency_check=True)
@@ -355,7 +388,7 @@ def _train(c: PretrainConfig, tokenizer, resume_from, notices) -> dict:
             if c.check_for_nan_in_loss_and_grad:
                 check_step_is_finite(loss, model, iteration, last_checkpoint)
             depth_due = c.depth_log_interval and iteration % c.depth_log_interval == 0
-            grad_norms = probes.layer_grad_norms(model, optimizer, c.num_layers) if depth_due else None
+            grad_norms = probes.layer_grad_norms(model, optimizer, model_c.num_layers) if depth_due else None
             phase = f"the optimizer step of iteration {iteration}"
             update_ok, grad_norm, _ = optimizer.step()
             if c.clip_grad == 0 and update_ok:  # megatron computes the norm only to clip
@@ -371,8 +404,8 @@ def _train(c: PretrainConfig, tokenizer, resume_from, notices) -> dict:
                                  grad_norm, optimizer.get_loss_scale().item(), skipped=not update_ok)
             if depth_due:
                 phase = f"the depth diagnostics of iteration {iteration}"
-                stats = probes.hidden_state_stats(model, depth_batch, forward_step, c.num_layers, c.seq_length,
-                                                  c.sequence_parallel)
+                stats = probes.hidden_state_stats(model, depth_batch, forward_step, model_c.num_layers,
+                                                  c.seq_length, c.sequence_parallel)
                 stats["grad-norm"] = grad_norms
                 logger.depth(iteration, stats)
             if valid_iters and iteration % c.eval_interval == 0:
