@@ -28,6 +28,10 @@ from lns_megatron.training.checkpoint import CheckpointError, latest_checkpoint,
 
 # What an arm is; the seed varies within it. Paths and run bookkeeping differ by construction.
 ARM_FIELDS = ("norm_scheme", "output_layer_init", "depth_scaled_output_init")
+# In a depth-growth study an arm is also its growth schedule, and its iterations (set for equal training FLOPs).
+GROWTH_ARM_FIELDS = ("depth_growth", "growth_block_size", "growth_stages", "growth_schedule", "growth_lns_scales",
+                     "growth_optimizer_state", "train_iters", "lr_decay_iters", "lr_warmup_iters",
+                     "num_layers_per_virtual_pipeline_stage")
 PER_RUN_FIELDS = ("seed", "save", "load", "tensorboard_dir", "world_size")
 BASELINE = "pre-scaled"  # megatron-core's Pre-LN with its default depth-scaled output init
 
@@ -53,14 +57,16 @@ def check_fair(configs: Dict[str, Dict[int, dict]]) -> None:
     """Every run has the same flags but for its arm's and its seed."""
     arm0 = next(iter(configs))
     reference = next(iter(configs[arm0].values()))
+    growing = any(config.get("depth_growth") for seeds in configs.values() for config in seeds.values())
+    fields = ARM_FIELDS + (GROWTH_ARM_FIELDS if growing else ())
     for arm, seeds in configs.items():
-        arm_values = {name: next(iter(seeds.values())).get(name) for name in ARM_FIELDS}
+        arm_values = {name: next(iter(seeds.values())).get(name) for name in fields}
         for seed, config in seeds.items():
             for name in sorted(set(reference) | set(config)):
                 if name in PER_RUN_FIELDS:
                     continue
                 mine, theirs = config.get(name), reference.get(name)
-                if name in ARM_FIELDS:
+                if name in fields:
                     if mine != arm_values[name]:
                         raise ComparisonError(f"{arm}/seed{seed}: --{name.replace('_', '-')} {mine}, but other seeds "
                                               f"of the arm have {arm_values[name]}")
@@ -153,7 +159,8 @@ def summarize(root: str, num_samples: int = 32, seed: int = 4321, device: str = 
         keys = ["validation_loss"] + list(run_metrics(reports[(arm, next(iter(seeds)))]).keys())
         arms[arm] = {k: spread([r[k] for r in rows]) for k in keys}
         arms[arm]["validation perplexity"] = spread([math.exp(r["validation_loss"]) for r in rows])
-        arms[arm]["config"] = {k: configs[arm][next(iter(seeds))].get(k) for k in ARM_FIELDS[:2]}
+        arms[arm]["config"] = {k: configs[arm][next(iter(seeds))].get(k)
+                               for k in ARM_FIELDS[:2] + ("depth_growth", "train_iters")}
     reference = next(iter(next(iter(configs.values())).values()))
     return dict(root=os.path.abspath(root), data=where, arms=arms, runs=per_run, baseline=BASELINE,
                 setup={k: reference.get(k) for k in ("num_layers", "hidden_size", "ffn_hidden_size",
@@ -200,8 +207,11 @@ def markdown(summary: dict) -> str:
              4)]
     seeds = {a: arms[a]["validation_loss"]["n"] for a in names}
     lines = ["# Norm-scheme comparison", "",
-             f"Runs: `{summary['root']}`; arms differ in `--norm-scheme` and `--output-layer-init` only (checked "
-             "from each run's pretrain_config.json). Each cell: mean ± sample std (min–max) over the seeds.", "",
+             f"Runs: `{summary['root']}`; arms differ in `--norm-scheme` and `--output-layer-init` only"
+             + (" (and the growth flags, with `--train-iters` set for equal FLOPs)" if any(
+                 a["config"].get("depth_growth") for a in arms.values()) else "")
+             + " (checked from each run's pretrain_config.json). Each cell: mean ± sample std (min–max) over the "
+             "seeds.", "",
              "Setup: " + ", ".join(f"{k} {v}" for k, v in summary["setup"].items()), "",
              f"Held-out data for the depth metrics: {summary['data']}", "",
              "| | " + " | ".join(f"{a} ({seeds[a]} seeds)" for a in names) + " |",

@@ -101,3 +101,17 @@ def test_plots_of_the_default_eighteen_arms(ab_runs, tmp_path):
     ab.plot(dict(summary, arms=arms, _reports=reports, _curves=curves), str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["jacobian.png", "layer_removal.png", "linear_fit.png",
                                             "validation_loss.png", "variance.png"]
+
+
+def test_a_growth_study_compares_schedules_and_budgets_as_arms():
+    """In a growth study the schedule and --train-iters (set for equal FLOPs) are the arm's; without growth a
+    differing --train-iters is refused, and within an arm it always is."""
+    base = dict(norm_scheme="lns", output_layer_init="plain", seed=1, lr=1e-3, train_iters=300, depth_growth=None,
+                growth_stages=None)
+    grown = dict(base, depth_growth="midas", growth_stages=4, train_iters=325)
+    ab.check_fair({"lns-plain": {1: base, 2: dict(base, seed=2)}, "lns-plain-midas": {1: grown, 2: dict(grown, seed=2)}})
+    with pytest.raises(ab.ComparisonError, match="--train-iters"):
+        ab.check_fair({"lns-plain": {1: base}, "lns-plain-long": {1: dict(base, train_iters=325)}})
+    with pytest.raises(ab.ComparisonError, match="--train-iters 325, but other seeds of the arm have 300"):
+        ab.check_fair({"lns-plain": {1: base}, "lns-plain-midas": {1: dict(grown, train_iters=300),
+                                                                   2: dict(grown, seed=2)}})

@@ -239,19 +239,27 @@ def test_in_run_growth_resumes_exactly_before_and_after_the_growth(tmp_path):
         assert all(resumed[i] == losses[i] for i in resumed), (stop, resumed, losses)
 
 
-@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]])
-def test_in_run_growth_at_tp2_and_pp2_matches_one_process(tmp_path, layout):
+STACK_8 = ["--norm-scheme", "lns", "--num-layers", "8", "--train-iters", "6", "--depth-growth", "stack",
+           "--growth-stages", "2"]  # 4 -> 8 layers after iteration 2
+
+
+@pytest.mark.parametrize("growth_flags, layout", [
+    (GROWTH, ["--tensor-model-parallel-size", "2"]),
+    (GROWTH, ["--pipeline-model-parallel-size", "2"]),
+    (STACK_8, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "2"]),
+], ids=["tp2", "pp2", "pp2-vpp2"])
+def test_in_run_growth_at_tp2_and_pp2_matches_one_process(tmp_path, growth_flags, layout):
     """The boundary's checkpoint (2 layers, one process) grown and trained on at TP=2 or PP=2, against the same
     in one process: the grown load reshards (a PP=2 stage holds copies of layers another stage saved)."""
     import shutil
 
-    flags = [*TINY, *GROWTH, "--use-distributed-optimizer", "--make-vocab-size-divisible-by", "64"]
+    flags = [*TINY, *growth_flags, "--use-distributed-optimizer", "--make-vocab-size-divisible-by", "64"]
     run_driver(*flags, "--save", tmp_path / "one", "--exit-interval", "2")
     shutil.copytree(tmp_path / "one", tmp_path / "two")
     _, one = run_driver(*flags, "--save", tmp_path / "one", "--load", tmp_path / "one")
     _, two = run_driver(*flags[:-1], "32" if "--tensor-model-parallel-size" in layout else "64", *layout,
                         "--save", tmp_path / "two", "--load", tmp_path / "two", nproc=2)
-    assert "depth growth at iteration 2: midas: 2 -> 4 layers" in two
+    assert f"depth growth at iteration 2: {growth_flags[growth_flags.index('--depth-growth') + 1]}: " in two
     a, b = logged_losses(one), logged_losses(two)
     assert sorted(a) == sorted(b) == list(range(3, 7))
     for i in a:
