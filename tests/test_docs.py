@@ -56,6 +56,8 @@ PROGRAMS = {
     "examples/pretrain_gpt_lns.sh": [DRIVER], "examples/pretrain_gpt_lns.slurm": [DRIVER],
     "examples/ab_norm_schemes.sh": [DRIVER], "examples/ab_pre_vs_lns.sh": [DRIVER],
     "examples/ab_cpu_study.sh": [DRIVER], "examples/sparsity_cpu_study.sh": [DRIVER],
+    "examples/growth_cpu_study.sh": [DRIVER],
+    "tools/grow_depth.py": [_module_parser("lns_megatron.training.growth")],
     "lns_megatron.finetune": [FINETUNE], "tools/finetune_hf.py": [FINETUNE],
     "examples/finetune_lns_deepspeed.sh": [FINETUNE],
     "tools/preprocess_data.py": [_module_parser("lns_megatron.data.preprocess")],

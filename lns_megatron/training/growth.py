@@ -491,14 +491,9 @@ def grow_checkpoint(load: str, save: str, operator: str, block_size: Optional[in
     return checkpoint.save_checkpoint(save, iteration, consumed, model, optimizer, scheduler, new)
 
 
-def main(argv=None) -> int:
+def build_parser():
     import argparse
-    import sys
-    import warnings
 
-    from lns_megatron.training import distributed
-
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     p = argparse.ArgumentParser(prog="grow_depth", description="Write a deeper copy of an lns_megatron checkpoint "
                                 "(MIDAS, stacking or identity blocks); resume it with the driver and --num-layers of "
                                 "the grown model")
@@ -512,7 +507,17 @@ def main(argv=None) -> int:
                    "source's); recorded in the checkpoint")
     p.add_argument("--optimizer-state", default="copy", choices=OPTIMIZER_STATES,
                    help="copy the Adam moments to the copied layers, or reset every moment and Adam's step")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    import sys
+    import warnings
+
+    from lns_megatron.training import distributed
+
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+    args = build_parser().parse_args(argv)
     try:
         old = checkpoint.saved_config(checkpoint.latest_checkpoint(args.load)[0])
         directory = grow_checkpoint(args.load, args.save, args.operator, args.block_size, args.lns_scales,
