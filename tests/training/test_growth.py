@@ -240,7 +240,7 @@ def test_in_run_growth_resumes_exactly_before_and_after_the_growth(tmp_path):
 
 
 STACK_8 = ["--norm-scheme", "lns", "--num-layers", "8", "--train-iters", "6", "--depth-growth", "stack",
-           "--growth-stages", "2"]  # 4 -> 8 layers after iteration 2
+           "--growth-stages", "2", "--global-batch-size", "4"]  # 4 -> 8 layers after iteration 2 (2 micro-batches)
 
 
 @pytest.mark.parametrize("growth_flags, layout", [
