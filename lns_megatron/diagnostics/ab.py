@@ -159,8 +159,9 @@ def summarize(root: str, num_samples: int = 32, seed: int = 4321, device: str = 
         keys = ["validation_loss"] + list(run_metrics(reports[(arm, next(iter(seeds)))]).keys())
         arms[arm] = {k: spread([r[k] for r in rows]) for k in keys}
         arms[arm]["validation perplexity"] = spread([math.exp(r["validation_loss"]) for r in rows])
-        arms[arm]["config"] = {k: configs[arm][next(iter(seeds))].get(k)
-                               for k in ARM_FIELDS[:2] + ("depth_growth", "train_iters")}
+        first = configs[arm][next(iter(seeds))]
+        arms[arm]["config"] = {k: first.get(k) for k in ARM_FIELDS[:2]} | (
+            {k: first.get(k) for k in ("depth_growth", "train_iters")} if first.get("depth_growth") else {})
     reference = next(iter(next(iter(configs.values())).values()))
     return dict(root=os.path.abspath(root), data=where, arms=arms, runs=per_run, baseline=BASELINE,
                 setup={k: reference.get(k) for k in ("num_layers", "hidden_size", "ffn_hidden_size",
