@@ -317,17 +317,28 @@ def is_hf_directory(path: str) -> bool:
 
 
 def export_hf_directory(source: str, output: str, dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> str:
-    """Re-export a Hugging Face model (one fine-tuned as LNS, say) as a plain Llama-family model: an
-    unfolded LNS scale is folded into the norm weights; the tokenizer files travel with it."""
+    """Re-export a Hugging Face model (one fine-tuned as LNS, say) as a plain model: an unfolded LNS scale is
+    folded into the norm weights; a norm-removed model becomes the plain-transformers norm-free form
+    (:func:`lns_megatron.hf.norm_free.to_transformers`); the tokenizer files travel with it."""
+    from lns_megatron.hf.norm_free import to_transformers
+    from lns_megatron.hf.norm_removal import fixed_scale_norms
+
     output = _check_output(output, overwrite)
     model = from_pretrained(source, dtype=torch.float32)  # fold in float32, round once to dtype
-    if is_lns(model):
+    if fixed_scale_norms(model):
+        to_transformers(model)  # the LNS scale goes into the same weights
+    elif is_lns(model):
         fold_layernorm_scaling(model)
     with open(os.path.join(source, "config.json")) as f:
         saved = json.load(f)
     target = dtype or DTYPES.get(saved.get("dtype") or saved.get("torch_dtype"), torch.float32)  # transformers 5 / 4
+    model.to(target)
+    overflow = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if overflow:
+        raise ExportError(f"--dtype {str(target).replace('torch.', '')}: {overflow[0]} overflows it (a norm-free model's "
+                          "norm weights are near gamma * 1e6 / c); export float32 or bfloat16")
     with atomic_directory(output) as partial:
-        model.to(target).save_pretrained(partial)
+        model.save_pretrained(partial)
         for name in os.listdir(source):
             if name.startswith(("tokenizer", "special_tokens_map", "vocab.", "merges.txt")) or name.endswith(".tiktoken"):
                 shutil.copyfile(os.path.join(source, name), os.path.join(partial, name))
@@ -392,9 +403,17 @@ def _main_hf(args) -> int:
     if args.tokenizer_model:
         return fail(f"--tokenizer-model with the Hugging Face directory {args.load}: its own tokenizer files are "
                     "copied; drop the flag")
+    from lns_megatron.hf.norm_removal import NormRemovalError
+
     try:
         path = export_hf_directory(args.load, args.output, DTYPES[args.dtype] if args.dtype else None, args.overwrite)
-    except (ExportError, LayerNormScalingError) as e:
+    except (ExportError, LayerNormScalingError, NormRemovalError) as e:
         return fail(e)
-    print(f"export_hf: wrote {path}: a plain model (any LNS scale folded into the norm weights)", flush=True)
+    with open(os.path.join(path, "config.json")) as f:
+        norm_free = (json.load(f).get("lns_megatron") or {}).get("norm_free")
+    if norm_free:
+        print(f"export_hf: wrote {path}: a norm-free model in the plain-transformers form (norm eps {norm_free['eps']:g}, "
+              f"norm outputs within a relative {norm_free['relative_error_bound']:.1e} of the exact form)", flush=True)
+    else:
+        print(f"export_hf: wrote {path}: a plain model (any LNS scale folded into the norm weights)", flush=True)
     return 0

@@ -26,8 +26,10 @@ from typing import Dict, List, Optional
 import torch
 from transformers import Trainer, TrainerCallback
 
-from lns_megatron.hf.scaling import (LayerNormScalingError, apply_layernorm_scaling, decoder_layers,
-                                     fold_layernorm_scaling, from_pretrained, is_lns)
+from lns_megatron.hf.norm_removal import (NormRemoval, NormRemovalError, check_schedule, install_fixed_scale_norms,
+                                          norm_family, record_removal)
+from lns_megatron.hf.scaling import (LayerNormScalingError, apply_layernorm_scaling, fold_layernorm_scaling,
+                                     from_pretrained, is_lns, transformer_layers)
 
 IGNORE_INDEX = -100  # the label Hugging Face's loss skips
 FINAL = "final"  # OUTPUT_DIR/final: the fine-tuned model, renamed into place only once complete
@@ -67,6 +69,9 @@ class FinetuneConfig:
     eval_steps: int = 0
     depth_log_interval: int = 100
     tensorboard_dir: Optional[str] = None  # default: OUTPUT_DIR/tensorboard
+    norm_removal_start: int = 0  # 0: keep the norms; N: remove the first at step N (lns_megatron.hf.norm_removal)
+    norm_removal_interval: int = 0  # steps between two removals (required with --norm-removal-start)
+    norm_removal_aux_weight: float = 0.0  # the papers' auxiliary loss on the final norm's input sigma
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -172,6 +177,8 @@ class Collator:
 def prepare_model(c: FinetuneConfig):
     """The model in the requested scheme, computing the same function it was saved with."""
     model = from_pretrained(c.model, dtype=torch.float32)
+    if c.norm_removal_start:
+        norm_family(model)  # a model without the norms removal maps is refused before anything else
     saved = "lns" if is_lns(model) else "pre"
     scheme = c.norm_scheme or saved
     if scheme == "pre" and saved == "lns":
@@ -182,7 +189,12 @@ def prepare_model(c: FinetuneConfig):
         apply_layernorm_scaling(model)
         print(f"finetune: {c.model} was not trained with LNS; --norm-scheme lns adds 1/sqrt(l), which changes "
               "the function it computes", flush=True)
-    print(f"finetune: {type(model).__name__}, {len(decoder_layers(model))} layers, norm scheme {scheme}", flush=True)
+    if c.norm_removal_start:
+        install_fixed_scale_norms(model, model.config.eos_token_id)
+        record_removal(model, c.norm_removal_start, c.norm_removal_interval, c.norm_removal_aux_weight)
+    print(f"finetune: {type(model).__name__}, {len(transformer_layers(model))} layers, norm scheme {scheme}"
+          + (f", norm removal from step {c.norm_removal_start} every {c.norm_removal_interval}"
+             if c.norm_removal_start else ""), flush=True)
     return model, scheme
 
 
@@ -254,15 +266,64 @@ class DepthCallback(TrainerCallback):
             self.writer.close()
 
 
-class DepthTrainer(Trainer):
-    """The Hugging Face Trainer, reading per-layer gradient norms before it clips them, and stopping
-    (with nothing saved from then on) at the first step whose loss is NaN or Inf on any rank."""
+class NormRemovalCallback(TrainerCallback):
+    """Runs the norm-removal schedule: the sigma EMAs once per optimizer step, each removal at its step (a line in
+    the log), and the ``norm_removal/*`` TensorBoard scalars (each norm's live sigma beside its frozen value)."""
 
-    def __init__(self, *args, depth: DepthCallback, **kwargs):
-        super().__init__(*args, callbacks=[depth], **kwargs)
-        self.depth = depth
+    def __init__(self, removal: NormRemoval, log_dir: str):
+        self.removal, self.log_dir, self.writer = removal, log_dir, None
+
+    def on_train_begin(self, args, state, control, **kw):
+        check_schedule(self.removal.model, self.removal.start, self.removal.interval, state.max_steps)
+        self.removal.apply_due(state.global_step)  # a resumed run: the checkpoint's flags already say so
+        if state.is_world_process_zero:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=self.log_dir)
+
+    def on_step_end(self, args, state, control, **kw):
+        self.removal.update_statistics()
+        removed = self.removal.apply_due(state.global_step)
+        if state.is_world_process_zero:
+            for label in removed:
+                print(f"finetune: step {state.global_step}: removed the {label} "
+                      f"({self.removal.removed_count()} of {self.removal.total()} removals done)", flush=True)
+        if self.writer is not None and (removed or state.global_step % max(args.logging_steps, 1) == 0):
+            for tag, value in self.removal.scalars().items():
+                self.writer.add_scalar(tag, value, state.global_step)
+            self.writer.flush()
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.writer is not None:
+            self.writer.close()
+
+
+class DepthTrainer(Trainer):
+    """The Hugging Face Trainer, reading per-layer gradient norms before it clips them, stopping
+    (with nothing saved from then on) at the first step whose loss is NaN or Inf on any rank, and
+    adding norm removal's auxiliary loss when asked."""
+
+    def __init__(self, *args, depth: DepthCallback, removal: Optional[NormRemoval] = None, **kwargs):
+        callbacks = [depth] + ([NormRemovalCallback(removal, depth.log_dir)] if removal is not None else [])
+        super().__init__(*args, callbacks=callbacks, **kwargs)
+        self.depth, self.removal = depth, removal
         depth.trainer = self
         self.nonfinite_step = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        aux = self.removal.aux_loss() if self.removal is not None else None
+        if aux is None:
+            return result
+        # The Trainer divides by the accumulation steps only a loss not already normalized over the whole batch.
+        scaled = self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None else (
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
+        if scaled:
+            aux = aux / self.current_gradient_accumulation_steps
+        if return_outputs:
+            return result[0] + aux, result[1]
+        return result + aux
 
     def training_step(self, model, inputs, *args, **kwargs):
         loss = super().training_step(model, inputs, *args, **kwargs)
@@ -291,7 +352,7 @@ def layer_grad_norms(model) -> List[float]:
     except ImportError:
         safe_get_full_grad = None
     norms = []
-    for layer in decoder_layers(model):
+    for layer in transformer_layers(model):
         sq = 0.0
         for p in layer.parameters():
             grad = safe_get_full_grad(p) if safe_get_full_grad is not None else p.grad
@@ -306,7 +367,7 @@ def hidden_state_stats(model, batch: Dict[str, torch.Tensor]) -> Dict[str, List[
     over the batch's real (unpadded) tokens."""
     from lns_megatron.training.probes import angular_distance, layer_input, layer_output
 
-    layers = decoder_layers(model)
+    layers = transformer_layers(model)
     mask = batch["attention_mask"].bool()
     variance, angle = [0.0] * len(layers), [0.0] * len(layers)
 
@@ -370,11 +431,27 @@ def parse_args(argv=None) -> FinetuneConfig:
     for name in ("logging_steps", "save_steps", "eval_steps", "depth_log_interval"):
         if getattr(c, name) < 0:
             raise FinetuneError(f"--{name.replace('_', '-')} {getattr(c, name)}: must be 0 or more")
+    if c.norm_removal_start < 0 or c.norm_removal_interval < 0 or c.norm_removal_aux_weight < 0:
+        raise FinetuneError("--norm-removal-start, --norm-removal-interval and --norm-removal-aux-weight must be 0 or "
+                            "more")
+    if c.norm_removal_start and not c.norm_removal_interval:
+        raise FinetuneError(f"--norm-removal-start {c.norm_removal_start}: give --norm-removal-interval too (the steps "
+                            "between two removals)")
+    if not c.norm_removal_start and (c.norm_removal_interval or c.norm_removal_aux_weight):
+        raise FinetuneError("--norm-removal-interval/--norm-removal-aux-weight: norm removal is off without "
+                            "--norm-removal-start N (the step of the first removal)")
     if not os.path.isfile(os.path.join(c.model, "config.json")):
         raise FinetuneError(f"--model {c.model}: not a Hugging Face model directory (no config.json); export one "
                             "with tools/export_hf.py --keep-lns (nothing is downloaded)")
     with open(os.path.join(c.model, "config.json")) as f:
         record = json.load(f).get("lns_megatron") or {}
+    if c.norm_removal_start and record.get("norm_scheme") in ("dyt", "bhyt"):
+        raise FinetuneError(f"--norm-removal-start: --model {c.model} uses --norm-scheme {record['norm_scheme']}, "
+                            "which has no norms to remove (its tanh is not a normalization)")
+    if c.norm_removal_start and (record.get("norm_free") or record.get("norm_removal")):
+        raise FinetuneError(f"--norm-removal-start: --model {c.model} already went through norm removal "
+                            f"({'norm-free' if record.get('norm_free') else 'a removal save'}); fine-tune it without "
+                            "--norm-removal-start")
     if c.norm_scheme == "lns" and record.get("lns_folded_into"):
         raise FinetuneError(f"--model {c.model} has LNS folded into its norm weights (a default export); export the "
                             "checkpoint again with tools/export_hf.py --keep-lns to fine-tune it as LNS")
@@ -421,7 +498,8 @@ def finetune(c: FinetuneConfig) -> str:
         output_dir=c.output_dir, deepspeed=c.deepspeed, per_device_train_batch_size=c.micro_batch_size,
         per_device_eval_batch_size=c.micro_batch_size, gradient_accumulation_steps=c.gradient_accumulation_steps,
         learning_rate=c.lr, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": c.min_lr_ratio},
-        warmup_steps=c.warmup_ratio,  # a float below 1 is a fraction of the steps weight_decay=c.weight_decay, max_grad_norm=c.clip_grad,
+        warmup_steps=c.warmup_ratio,  # a float below 1 is a fraction of the steps
+        weight_decay=c.weight_decay, max_grad_norm=c.clip_grad,
         num_train_epochs=c.epochs, max_steps=c.max_steps, seed=c.seed, data_seed=c.seed, bf16=c.bf16,
         gradient_checkpointing=c.gradient_checkpointing, logging_steps=c.logging_steps, logging_first_step=True,
         report_to=["tensorboard"],
@@ -430,8 +508,11 @@ def finetune(c: FinetuneConfig) -> str:
         remove_unused_columns=False, dataloader_num_workers=0, logging_nan_inf_filter=False, use_cpu=not torch.cuda.is_available(),
     )
     depth = DepthCallback(collator(train[:4]), c.depth_log_interval, tensorboard_dir)
+    removal = None
+    if c.norm_removal_start:
+        removal = NormRemoval(model, c.norm_removal_start, c.norm_removal_interval, c.norm_removal_aux_weight)
     trainer = DepthTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
-                           data_collator=collator, processing_class=tokenizer, depth=depth)
+                           data_collator=collator, processing_class=tokenizer, depth=depth, removal=removal)
     trainer.train(resume_from_checkpoint=c.resume or None)
     if trainer.nonfinite_step is not None:
         last = checkpoints(c.output_dir)
@@ -454,7 +535,7 @@ def main(argv=None) -> int:
     try:
         finetune(parse_args(argv))
         code = 0
-    except (FinetuneError, LayerNormScalingError) as e:  # every rank meets these alike
+    except (FinetuneError, LayerNormScalingError, NormRemovalError) as e:  # every rank meets these alike
         print(f"finetune: error: {e}", file=sys.stderr, flush=True)
         code = 2
     if torch.distributed.is_initialized():  # left to interpreter exit, gloo's threads can abort a rank

@@ -54,8 +54,29 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return layers
 
 
+def transformer_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's transformer layers: GPT-2's ``transformer.h``, or a Llama-family model's :func:`decoder_layers`."""
+    blocks = getattr(getattr(model, "transformer", None), "h", None)
+    if isinstance(blocks, torch.nn.ModuleList) and len(blocks) and all(hasattr(b, "ln_1") for b in blocks):
+        return blocks
+    return decoder_layers(model)
+
+
 def _scale_output(norm: torch.nn.Module, args, output: torch.Tensor) -> torch.Tensor:
     return output * norm.lns_scale
+
+
+def scale_norm(norm: torch.nn.Module, scale: float) -> None:
+    """Multiply ``norm``'s output by the constant ``scale`` (a forward hook; no parameter or buffer)."""
+    norm.lns_scale = scale
+    norm._lns_hook = norm.register_forward_hook(_scale_output)
+
+
+def move_scale(old: torch.nn.Module, new: torch.nn.Module) -> None:
+    """Carry an LNS scale from a norm to the module replacing it."""
+    if hasattr(old, "lns_scale"):
+        old._lns_hook.remove()
+        scale_norm(new, old.lns_scale)
 
 
 def scaled_norms(model: torch.nn.Module) -> List[Tuple[int, torch.nn.Module]]:
@@ -93,9 +114,7 @@ def apply_layernorm_scaling(model: torch.nn.Module) -> torch.nn.Module:
                                     f"lns_megatron.lns_depths names {len(depths)}; the config is not this model's")
     for l, layer in zip(depths, layers):
         for name in PRE_NORMS:
-            norm = getattr(layer, name)
-            norm.lns_scale = layernorm_scale(l)
-            norm._lns_hook = norm.register_forward_hook(_scale_output)
+            scale_norm(getattr(layer, name), layernorm_scale(l))
     model.config.lns_megatron = {**record, "norm_scheme": "lns", "lns_folded_into": None}
     return model
 
@@ -132,17 +151,33 @@ def from_pretrained(path: str, **kwargs) -> torch.nn.Module:
 
     A ``tools/export_hf.py --keep-lns`` export, or a model fine-tuned as LNS and saved with
     ``save_pretrained``, comes back as the same LNS model; a folded export or a plain model comes back plain.
+    A model saved during or after norm removal comes back with its fixed-scale norms (the exact norm-free form).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging
 
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    config = AutoConfig.from_pretrained(path)
+    removal = (getattr(config, "lns_megatron", None) or {}).get("norm_removal")
+    verbosity = logging.get_verbosity()
+    if removal:  # the fixed-scale norms' buffers are "unexpected" to the stock class; restore() reads them
+        logging.set_verbosity_error()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    finally:
+        logging.set_verbosity(verbosity)
     record = lns_record(model)
     if record.get("norm_scheme") == "lns" and not record.get("lns_folded_into"):
         apply_layernorm_scaling(model)
+    if removal:  # saved mid- or post-removal: the fixed-scale norms and their frozen values
+        from lns_megatron.hf.norm_removal import restore
+
+        restore(model, path)
     return model
 
 
 def is_lns(model: torch.nn.Module) -> bool:
-    """True when the model computes LNS with an unfolded constant (hooks in place)."""
+    """True when the model computes LNS with an unfolded constant (hooks in place); GPT-2 never does."""
+    if transformer_layers(model) is getattr(getattr(model, "transformer", None), "h", None):
+        return False  # GPT-2: LNS maps the Llama family only
     return bool(scaled_norms(model))
 

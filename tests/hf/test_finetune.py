@@ -5,44 +5,20 @@ DeepSpeed ZeRO-2/ZeRO-3 on the CPU (DeepSpeed's CPU accelerator, gloo), its data
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from dist_launch import ROOT, script_env
+from dist_launch import ROOT
+from finetune_runs import STEPS, VOCAB, override, run_example, scalars, sft_flags, word_tokenizer, write_examples
 from lns_megatron.hf import apply_layernorm_scaling, from_pretrained
 from lns_megatron.hf.finetune import (IGNORE_INDEX, Collator, FinetuneError, finetune, main, parse_args,
                                       read_examples, tokenize)
 from lns_megatron.hf.scaling import is_lns
-from lns_megatron.training.distributed import free_port
 
-LAYERS, VOCAB = 4, 64
-STEPS = 3
-
-
-def word_tokenizer(directory, vocab=VOCAB):
-    """A word-level fast tokenizer: '<eos>' is id 0, 'w{i}' is id i + 1."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<eos>"] + [f"w{i}" for i in range(vocab - 1)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
-    fast.save_pretrained(directory)
-    return fast
-
-
-def write_examples(path, n, seed=0):
-    r = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            a = r.randrange(1, 50)
-            f.write(json.dumps({"prompt": f"w{a} w{a + 1}", "response": f"w{a + 2} w{a + 3} w{a + 4}"}) + "\n")
-    return str(path)
+LAYERS = 4
 
 
 @pytest.fixture(scope="module")
@@ -62,37 +38,6 @@ def lns_model(tmp_path_factory):
     apply_layernorm_scaling(model).save_pretrained(root / "model")
     word_tokenizer(root / "model")
     return root
-
-
-def sft_flags(model_dir, data, output, *extra):
-    return ["--model", str(model_dir), "--data", str(data), "--output-dir", str(output), "--max-steps", str(STEPS),
-            "--micro-batch-size", "4", "--lr", "1e-3", "--logging-steps", "1", "--depth-log-interval", "1",
-            "--seq-length", "64", "--warmup-ratio", "0", *extra]
-
-
-def _override(flags, change):
-    """flags with each --name in change set to change's value (appended when absent)."""
-    flags = list(flags)
-    i = 0
-    while i < len(change):
-        name = change[i]
-        has_value = i + 1 < len(change) and not change[i + 1].startswith("--")
-        if name in flags:
-            j = flags.index(name)
-            if has_value:
-                flags[j + 1] = change[i + 1]
-        else:
-            flags += change[i:i + 1 + has_value]
-        i += 1 + has_value
-    return flags
-
-
-def scalars(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(os.path.join(run_dir, "tensorboard"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
 @pytest.fixture(scope="module")
@@ -149,21 +94,6 @@ def test_depth_grad_norm_is_the_gradient_before_clipping(lns_model, plain_runs):
         assert logged[f"depth/grad-norm/layer_{layer:03d}"][1] == pytest.approx(value, rel=1e-4)
 
 
-def run_example(env, flags, node_ranks=(None,)):
-    """examples/finetune_lns_deepspeed.sh with env, once per node (NODE_RANK) at the same time; its output."""
-    base = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
-                PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), **env)
-    script = os.path.join(ROOT, "examples", "finetune_lns_deepspeed.sh")
-    base = script_env(base)
-    procs = [subprocess.Popen(["bash", script, *flags], env=base if rank is None else dict(base, NODE_RANK=str(rank)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in node_ranks]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-4000:] for o in outputs)
-    output = "".join(outputs)
-    assert f"finetune: wrote {env['OUTPUT_DIR']}/final ({env['NORM_SCHEME']}" in output, output[-4000:]
-    return output
-
-
 @pytest.mark.parametrize("zero, scheme, nodes", [(2, "lns", 2), (3, "pre", 1)])
 def test_deepspeed_matches_plain_training(lns_model, plain_runs, tmp_path, zero, scheme, nodes):
     """examples/finetune_lns_deepspeed.sh on the CPU, 2 processes of micro-batch 2 (ZeRO-2 as two nodes on
@@ -171,7 +101,7 @@ def test_deepspeed_matches_plain_training(lns_model, plain_runs, tmp_path, zero,
     data, runs = plain_runs
     out = tmp_path / "ds"
     env = dict(MODEL=str(lns_model / "model"), DATA=data, OUTPUT_DIR=str(out), NORM_SCHEME=scheme, ZERO=str(zero))
-    flags = _override(sft_flags("", "", "")[6:], ["--micro-batch-size", "2"])  # the plain run's, half the batch
+    flags = override(sft_flags("", "", "")[6:], ["--micro-batch-size", "2"])  # the plain run's, half the batch
     if nodes == 1:
         run_example(dict(env, GPUS_PER_NODE="2"), flags)
     else:
@@ -215,7 +145,7 @@ def test_resume_continues_exactly(lns_model, plain_runs, tmp_path):
 def test_a_nan_loss_stops_the_run_and_nothing_after_it_is_saved(lns_model, plain_runs, tmp_path, capsys):
     data, _ = plain_runs
     out = tmp_path / "run"
-    flags = _override(sft_flags(lns_model / "model", data, out), ["--lr", "1e12", "--max-steps", "8",
+    flags = override(sft_flags(lns_model / "model", data, out), ["--lr", "1e12", "--max-steps", "8",
                                                                  "--save-steps", "1", "--clip-grad", "0"])
     assert main(flags) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -246,7 +176,7 @@ def test_from_our_driver_to_deepspeed_and_back(tmp_path_factory, tmp_path):
     flags = sft_flags(tmp_path / "hf", data, tmp_path / "sft-lns", "--tokenizer", str(tmp_path / "tok"))
     run_example(dict(MODEL=flags[1], DATA=data, OUTPUT_DIR=str(tmp_path / "sft-lns"), NORM_SCHEME="lns", ZERO="2",
                      GPUS_PER_NODE="1"), flags[6:])
-    finetune(parse_args(_override(flags, ["--output-dir", str(tmp_path / "sft-pre"), "--norm-scheme", "pre"])))
+    finetune(parse_args(override(flags, ["--output-dir", str(tmp_path / "sft-pre"), "--norm-scheme", "pre"])))
     lns, pre = scalars(str(tmp_path / "sft-lns")), scalars(str(tmp_path / "sft-pre"))
     assert lns["train/loss"][1] == pytest.approx(pre["train/loss"][1], rel=1e-6)  # one function at step 0
     assert lns["train/loss"][STEPS] != pytest.approx(pre["train/loss"][STEPS], rel=1e-6)
@@ -317,7 +247,7 @@ def test_bad_invocations_are_refused_in_one_line(lns_model, tmp_path, capsys):
         (["--seq-length", "0"], "--seq-length 0", "at least 1"),
     ]
     for change, name, fix in cases:
-        code = main(_override(sft_flags(lns_model / "model", data, tmp_path / "out"), change))
+        code = main(override(sft_flags(lns_model / "model", data, tmp_path / "out"), change))
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and err[0].startswith("finetune: error: ") and name in err[0] \
             and fix in err[0], (change, err)
