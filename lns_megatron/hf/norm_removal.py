@@ -110,7 +110,7 @@ class FixedScaleNorm(torch.nn.Module):
     # -------------------------------------------------------------------------------- statistics
 
     def reset_statistics(self) -> None:
-        self.sums = torch.zeros(5, dtype=torch.float64)  # sum, count, special sum, special count, max sigma^2
+        self.sums = None  # sum, count, special sum, special count, max sigma^2 (float64, on the input's device)
 
     def token_square(self, x: torch.Tensor) -> torch.Tensor:
         """Each position's sigma^2 (mean square, or variance when centered), in float32."""
@@ -127,8 +127,9 @@ class FixedScaleNorm(torch.nn.Module):
         if special.shape != sigma.shape:  # a call the context does not describe (generation with a cache)
             return
         ordinary, special = valid & ~special, valid & special
-        self.sums += torch.stack([sigma[ordinary].sum(), ordinary.sum(), sigma[special].sum(), special.sum(),
-                                  sigma2[valid].max() if valid.any() else sigma2.new_zeros(())]).double().cpu()
+        stats = torch.stack([sigma[ordinary].sum(), ordinary.sum(), sigma[special].sum(), special.sum(),
+                             torch.where(valid, sigma2, 0).max()]).double()  # stays on the device: no sync here
+        self.sums = stats if self.sums is None else self.sums + stats
 
     @torch.no_grad()
     def update(self, sums: torch.Tensor) -> None:
@@ -333,9 +334,9 @@ class NormRemoval:
         self.labels = norm_names(self.model)
         self.steps = removal_steps(self.model, self.start, self.interval)
         self.final_input = None
+        self.final = self.norms[FAMILIES[norm_family(self.model)]["final"]]
         if self.aux_weight:
-            final = self.norms[FAMILIES[norm_family(self.model)]["final"]]
-            final.register_forward_pre_hook(self._capture_final_input)
+            self.final.register_forward_pre_hook(self._capture_final_input)
 
     def _capture_final_input(self, module, args):
         if module.training and torch.is_grad_enabled():
@@ -344,13 +345,16 @@ class NormRemoval:
     @torch.no_grad()
     def update_statistics(self) -> None:
         """One EMA step for every norm, from this optimizer step's statistics summed over ranks."""
-        sums = torch.stack([n.sums for n in self.norms.values()])
+        seen = [n.sums for n in self.norms.values() if n.sums is not None]
+        device = seen[0].device if seen else self.final.weight.device
+        sums = torch.stack([n.sums if n.sums is not None else torch.zeros(5, dtype=torch.float64, device=device)
+                            for n in self.norms.values()])
         if torch.distributed.is_initialized():
-            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-            total, largest = sums[:, :4].contiguous().to(device), sums[:, 4:].contiguous().to(device)  # gloo: whole
+            total, largest = sums[:, :4].contiguous(), sums[:, 4:].contiguous()  # gloo reduces a view wrongly
             torch.distributed.all_reduce(total)
             torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
-            sums = torch.cat([total, largest], dim=1).cpu()
+            sums = torch.cat([total, largest], dim=1)
+        sums = sums.cpu()
         for norm, row in zip(self.norms.values(), sums):
             norm.update(row)
             norm.reset_statistics()
@@ -384,9 +388,8 @@ class NormRemoval:
         x, self.final_input = self.final_input, None
         if not self.aux_weight or x is None:
             return None
-        final = self.norms[FAMILIES[norm_family(self.model)]["final"]]
-        sigma = final.token_square(x).sqrt()
-        ctx = final.context
+        sigma = self.final.token_square(x).sqrt()
+        ctx = self.final.context
         keep = torch.ones_like(sigma, dtype=torch.bool)
         if ctx is not None and ctx.special is not None and ctx.special.shape == keep.shape:
             keep = ~ctx.special & (ctx.valid if ctx.valid is not None else keep)
